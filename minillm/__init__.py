@@ -1,0 +1,7 @@
+"""minillm: a readable, complete PyTorch framework for training and studying language models.
+
+Core primitives live in this package (tokenizer, corpus, data, sft, cli); each research method
+is one file beside them. See DESIGN.md for the architecture.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""Command-line flags from config dataclasses: every field becomes `--field-name`.
+
+Scripts keep their settings in a dataclass (the single source of defaults and documentation) and
+call `parse_config(Config)`. A field's help text comes from `field(metadata={"help": ...})`.
+Booleans take an explicit value (`--shuffle false`) so that a default of True can be turned off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one flag per field of dataclass `cls` to `parser`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
+        origin = typing.get_origin(kind)
+        args = typing.get_args(kind)
+        if origin in (typing.Union, types.UnionType):
+            inner = [a for a in args if a is not type(None)]  # Optional[X] -> X
+            kind = inner[0] if len(inner) == 1 else str
+            origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if kind is bool:
+            kwargs.update(type=_parse_bool, metavar="BOOL")
+        elif origin is list:
+            kwargs.update(type=args[0] if args else str, nargs="*")
+        elif kind in (int, float, str):
+            kwargs["type"] = kind
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported flag type {kind}")
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
+    """Parse `argv` (default: sys.argv) into an instance of dataclass `cls`."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, cls)
+    return cls(**vars(parser.parse_args(argv)))

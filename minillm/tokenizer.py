@@ -1,0 +1,297 @@
+"""Byte-level BPE: trained here in Python, encoded and decoded by tiktoken.
+
+Training follows GPT-2's byte-level BPE (Sennrich et al. 2016; Radford et al. 2019): split text
+into "words" with a regex pre-tokenizer, start every word as its UTF-8 bytes, and repeatedly merge
+the most frequent adjacent pair of tokens into a new token. The result is a rank table
+(`bytes -> rank`, ranks in merge order after the 256 single bytes) which is exactly what
+`tiktoken.Encoding(mergeable_ranks=...)` consumes, so all encoding and decoding runs in tiktoken's
+Rust core.
+
+Why training is fast enough in Python: pairs are counted over *unique* words weighted by their
+counts (a few hundred thousand words instead of millions), and a merge only revisits the words that
+contain the merged pair (an index `pair -> word ids`), updating the counts of the pairs it touches.
+A max-heap with lazy invalidation finds the next pair. Nothing is ever recounted from scratch.
+
+The pre-tokenizer patterns use `\\p{L}` / `\\p{N}` (Unicode letters / numbers), which Python's `re`
+does not support. We use the third-party `regex` module, which does, and which tiktoken itself
+depends on: training therefore splits text with the very pattern tiktoken uses when encoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import regex
+import tiktoken
+
+# GPT-2's split pattern (contractions, letter runs, number runs, punctuation runs, whitespace).
+GPT2_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+# GPT-4's (cl100k_base) pattern: case-insensitive contractions, numbers in groups of at most three
+# digits, newlines kept apart from other whitespace.
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+EOT = "<|endoftext|>"
+FILE_FORMAT = "minillm.tokenizer"
+FILE_VERSION = 1
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: a rank table, a split pattern and special tokens.
+
+    All encoding and decoding is delegated to `self.encoding`, a `tiktoken.Encoding`. Special tokens
+    (`<|endoftext|>` by default) get the ids right after the ordinary tokens. Ordinary text that
+    contains a special token's string is refused unless that token is passed in `allowed_special`,
+    so a document can never smuggle in a control token.
+    """
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str,
+                 special_tokens: dict[str, int] | None = None, name: str = "minillm"):
+        self.mergeable_ranks = mergeable_ranks
+        self.pattern = pattern
+        self.special_tokens = dict(special_tokens or {})
+        self.name = name
+        self.encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                          special_tokens=self.special_tokens)
+
+    # --- encoding -------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, i.e. one more than the largest id (the model's embedding rows)."""
+        return self.encoding.max_token_value + 1
+
+    @property
+    def eot_id(self) -> int:
+        """Id of `<|endoftext|>`, the document separator."""
+        if EOT not in self.special_tokens:
+            raise KeyError(f"tokenizer {self.name!r} has no {EOT} special token")
+        return self.special_tokens[EOT]
+
+    def encode(self, text: str, allowed_special: Iterable[str] | str = ()) -> list[int]:
+        """Token ids of `text`. A special token's string in `text` raises ValueError unless allowed
+        (`allowed_special="all"` allows every special token)."""
+        allowed = allowed_special if allowed_special == "all" else set(allowed_special)
+        return self.encoding.encode(text, allowed_special=allowed, disallowed_special="all")
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text` treating special-token strings as plain text (for raw corpora)."""
+        return self.encoding.encode_ordinary(text)
+
+    def encode_ordinary_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        """`encode_ordinary` over many texts; tiktoken releases the GIL, so threads run in parallel."""
+        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; bytes that are not valid UTF-8 (a cut multi-byte character) become U+FFFD."""
+        return self.encoding.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token_id)
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable description (also embedded in checkpoints)."""
+        by_rank = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        if any(rank != i for i, (_, rank) in enumerate(by_rank)):
+            raise ValueError("mergeable ranks must be 0..n-1 without gaps to be saved")
+        return {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "name": self.name,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "ranks": [base64.b64encode(token).decode("ascii") for token, _ in by_rank],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "Tokenizer":
+        """Inverse of `to_dict`; `source` names the file in error messages."""
+        if not isinstance(d, dict) or d.get("format") != FILE_FORMAT:
+            raise ValueError(f"{source}: not a minillm tokenizer (expected \"format\": \"{FILE_FORMAT}\")")
+        if d.get("version") != FILE_VERSION:
+            raise ValueError(f"{source}: tokenizer file version {d.get('version')!r}, "
+                             f"this minillm reads version {FILE_VERSION}")
+        for field in ("pattern", "special_tokens", "ranks"):
+            if field not in d:
+                raise ValueError(f"{source}: missing field {field!r}")
+        try:
+            ranks = {base64.b64decode(s, validate=True): i for i, s in enumerate(d["ranks"])}
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: field 'ranks' must be a list of base64 strings ({e})") from None
+        if len(ranks) != len(d["ranks"]):
+            raise ValueError(f"{source}: field 'ranks' holds duplicate tokens")
+        return cls(ranks, d["pattern"], {str(k): int(v) for k, v in d["special_tokens"].items()},
+                   name=d.get("name", "minillm"))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer to one JSON file, atomically (temporary file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Read a file written by `save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a minillm tokenizer file (invalid JSON: {e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def from_tiktoken(cls, name: str) -> "Tokenizer":
+        """A named tiktoken encoding (gpt2, cl100k_base, o200k_base, ...). tiktoken downloads its rank
+        file on first use, so this needs the network once (or a warm TIKTOKEN_CACHE_DIR)."""
+        enc = tiktoken.get_encoding(name)
+        return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens, name=name)
+
+    @classmethod
+    def from_tiktoken_file(cls, path: str | os.PathLike, pattern: str = GPT2_PATTERN,
+                           special_tokens: dict[str, int] | None = None) -> "Tokenizer":
+        """A rank table in tiktoken's own file format (`base64 rank` per line), e.g. the
+        `gpt2.tiktoken` file that some packages ship, usable offline."""
+        from tiktoken.load import load_tiktoken_bpe
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tiktoken rank file not found: {path}")
+        ranks = load_tiktoken_bpe(str(path))
+        if special_tokens is None:
+            special_tokens = {EOT: max(ranks.values()) + 1}
+        return cls(ranks, pattern, special_tokens, name=path.stem)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
+                f"special_tokens={sorted(self.special_tokens)})")
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def count_words(texts: Iterable[str], pattern: str = GPT4_PATTERN,
+                special_tokens: Iterable[str] = (EOT,)) -> Counter:
+    """Pre-tokenize `texts` and count each distinct word (a str). Special-token strings are cut out
+    first, so that BPE never learns merges across or inside them."""
+    split = regex.compile(pattern)
+    specials = sorted(special_tokens, key=len, reverse=True)
+    cut = regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
+    counts: Counter = Counter()
+    for text in texts:
+        for part in (cut.split(text) if cut else (text,)):
+            counts.update(split.findall(part))
+    return counts
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = GPT4_PATTERN,
+              special_tokens: Iterable[str] = (EOT,), name: str = "minillm",
+              word_counts: Counter | None = None) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with `vocab_size` ids in total (256 bytes + merges + special
+    tokens). Deterministic: among pairs of equal count the one with the smallest ids merges first.
+
+    `word_counts` (from `count_words`) may be given instead of `texts` to reuse a pre-tokenization.
+    Training stops early when no pair occurs twice or more (the corpus is too small for the vocab).
+    """
+    special_tokens = list(dict.fromkeys(special_tokens))
+    num_merges = vocab_size - 256 - len(special_tokens)
+    if num_merges < 0:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + "
+                         f"{len(special_tokens)} special tokens")
+    if word_counts is None:
+        word_counts = count_words(texts, pattern, special_tokens)
+
+    vocab = [bytes([i]) for i in range(256)]  # token id -> bytes
+    id_of = {b: i for i, b in enumerate(vocab)}  # bytes -> token id
+    # Words of one byte can never take part in a merge; leave them out.
+    words = [list(w.encode("utf-8")) for w in word_counts]
+    freqs = list(word_counts.values())
+    keep = [i for i, w in enumerate(words) if len(w) > 1]
+    words = [words[i] for i in keep]
+    freqs = [freqs[i] for i in keep]
+
+    pair_counts: dict[tuple[int, int], int] = {}
+    where: dict[tuple[int, int], set[int]] = {}  # pair -> ids of words that (may) contain it
+    for wi, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] = pair_counts.get(pair, 0) + f
+            where.setdefault(pair, set()).add(wi)
+    # Max-heap of (-count, pair). Counts only ever drop for existing pairs, so stale entries are
+    # detected on pop and pushed back with their current count; new pairs are pushed when created.
+    heap = [(-c, p) for p, c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges_done = 0
+    while merges_done < num_merges and heap:
+        neg_count, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count != -neg_count:
+            if count > 0:
+                heapq.heappush(heap, (-count, pair))
+            continue
+        if count < 2:
+            break  # nothing left worth merging
+        a, b = pair
+        merged = vocab[a] + vocab[b]
+        new_id = id_of.get(merged)
+        if new_id is None:  # a byte string can arise from two different merges; keep ids unique
+            new_id = len(vocab)
+            vocab.append(merged)
+            id_of[merged] = new_id
+            merges_done += 1
+        created = _merge_pair(a, b, new_id, where.pop(pair), words, freqs, pair_counts, where)
+        for p in created:
+            heapq.heappush(heap, (-pair_counts[p], p))
+
+    ranks = {token: i for i, token in enumerate(vocab)}
+    specials = {s: len(vocab) + i for i, s in enumerate(special_tokens)}
+    return Tokenizer(ranks, pattern, specials, name=name)
+
+
+def _merge_pair(a: int, b: int, new_id: int, word_ids: set[int], words: list[list[int]],
+                freqs: list[int], pair_counts: dict, where: dict) -> set[tuple[int, int]]:
+    """Replace every (a, b) by `new_id` in the given words, updating pair counts and the index.
+    Returns the pairs that contain `new_id` (the only pairs whose count can have grown)."""
+    created = set()
+    for wi in word_ids:
+        w = words[wi]
+        n = len(w)
+        out = []
+        i = 0
+        while i < n:
+            if w[i] == a and i + 1 < n and w[i + 1] == b:
+                out.append(new_id)
+                i += 2
+            else:
+                out.append(w[i])
+                i += 1
+        if len(out) == n:
+            continue  # stale index entry: an earlier merge already consumed this pair here
+        f = freqs[wi]
+        for p in zip(w, w[1:]):
+            pair_counts[p] -= f
+        for p in zip(out, out[1:]):
+            pair_counts[p] = pair_counts.get(p, 0) + f
+            if p[0] == new_id or p[1] == new_id:
+                s = where.get(p)
+                if s is None:
+                    where[p] = s = set()
+                s.add(wi)
+                created.add(p)
+        words[wi] = out
+    pair_counts.pop((a, b), None)
+    return created
