@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from minillm.generate import LocalLM, continuation_logprobs, generate_ids, sample_next
+from minillm.model import GPT, ModelConfig
+from minillm.tokenizer import train_bpe
+
+CONFIGS = {
+    "gpt": dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32),
+    "llama": dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                  activation="swiglu", norm="rmsnorm", position="rope", tie_embeddings=False),
+}
+
+
+def make(name, **kw):
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**{**CONFIGS[name], **kw})).eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cached_logits_equal_full_recomputation(name):
+    model = make(name)
+    x = torch.randint(0, 97, (3, 20))
+    full = model(x).logits
+    cache = model.new_kv_cache(3, 20)
+    pieces = [model(x[:, :8], kv_cache=cache).logits]
+    for t in range(8, 20):
+        pieces.append(model(x[:, t:t + 1], kv_cache=cache).logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cached_generation_equals_uncached(name):
+    model = make(name)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=20, seed=3)):
+        cached = generate_ids(model, prompts, 12, **kw)
+        uncached = generate_ids(model, prompts, 12, use_cache=False, **kw)
+        assert cached == uncached and all(len(r) == 12 for r in cached)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_batch_of_different_lengths_equals_each_prompt_alone(name):
+    model = make(name)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [20, 21, 22]]
+    batched = generate_ids(model, prompts, 10, temperature=0)
+    alone = [generate_ids(model, [p], 10, temperature=0)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {3, 4}
+    probs = logits[0].softmax(-1)  # 0.64 for 4, 0.24 for 3: top_p=0.7 keeps exactly {3, 4}
+    assert probs[4] < 0.7 < probs[4] + probs[3]
+    assert set(sample_next(logits, top_p=0.7, generator=g).tolist()) == {3, 4}
+    assert set(sample_next(logits, top_p=0.5, generator=g).tolist()) == {4}
+    assert (sample_next(logits, temperature=0) == 4).all()
+    freq = torch.bincount(sample_next(logits, generator=g), minlength=5) / 2000
+    assert torch.allclose(freq, probs, atol=0.04)
+
+
+def test_eos_and_stop_end_rows_and_seed_repeats():
+    model = make("gpt")
+    prompts = [[1, 2], [3, 4]]
+    free = generate_ids(model, prompts, 10, temperature=0)
+    eos = free[0][3]
+    stopped = generate_ids(model, prompts, 10, temperature=0, eos_id=eos)
+    assert stopped[0] == free[0][:free[0].index(eos)]
+    cut = generate_ids(model, prompts, 10, temperature=0, should_stop=lambda b, ids: len(ids) == 2)
+    assert cut == [free[0][:2], free[1][:2]]
+    a = generate_ids(model, prompts, 8, temperature=1.0, seed=7)
+    assert a == generate_ids(model, prompts, 8, temperature=1.0, seed=7)
+
+
+def test_scores_equal_full_sequence_logits():
+    model = make("llama")
+    contexts, conts = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]]
+    got = continuation_logprobs(model, contexts, conts)
+    for c, x, lp in zip(contexts, conts, got):
+        seq = torch.tensor([c + x])
+        logp = model(seq).logits.log_softmax(-1)[0]
+        expected = torch.stack([logp[len(c) - 1 + i, t] for i, t in enumerate(x)])
+        torch.testing.assert_close(lp, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_local_lm_generates_text_and_cuts_at_stop_strings():
+    tok = train_bpe(["the cat sat on the mat. the dog sat on the log."] * 5, vocab_size=300)
+    model = make("gpt", vocab_size=tok.vocab_size)
+    lm = LocalLM(model, tok, batch_size=2)
+    full = lm.generate(["the cat", "the dog", ""], max_new_tokens=12)
+    assert len(full) == 3
+    stop = full[0][2:4]
+    assert stop and all(stop not in t for t in lm.generate(["the cat"], 12, stop=[stop]))
+    (logp, n), = lm.score(["the cat"], [" sat"])
+    assert n == len(tok.encode_ordinary(" sat")) and logp < 0
