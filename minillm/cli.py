@@ -3,6 +3,7 @@
 Scripts keep their settings in a dataclass (the single source of defaults and documentation) and
 call `parse_config(Config)`. A field's help text comes from `field(metadata={"help": ...})`.
 Booleans take an explicit value (`--shuffle false`) so that a default of True can be turned off.
+List fields take one or more values and may be repeated (`--prompt "a" --prompt "b"`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if kind is bool:
             kwargs.update(type=_parse_bool, metavar="BOOL")
         elif origin is list:
-            kwargs.update(type=args[0] if args else str, nargs="*")
+            # `--data a b --data c` gives [a, b, c]; argparse would extend the default list in
+            # place, so the default is filled in by parse_config when the flag is absent.
+            kwargs.update(type=args[0] if args else str, nargs="+", action="extend", default=None)
         elif kind in (int, float, str):
             kwargs["type"] = kind
         else:
@@ -50,4 +53,6 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(parser, cls)
-    return cls(**vars(parser.parse_args(argv)))
+    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None
+              or typing.get_origin(typing.get_type_hints(cls)[k]) is not list}
+    return cls(**values)

@@ -359,11 +359,15 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per weight, plus attention's
-        12 * n_layer * n_head * head_dim * seq_len (PaLM appendix B)."""
+        """Training FLOPs per token (forward + backward): 6 per weight used in a matmul, plus
+        attention's 12 * n_layer * n_head * head_dim * seq_len (PaLM appendix B). Embedding
+        lookups are not matmuls: position tables never count, the token table only when tied to
+        the output layer."""
         cfg = self.config
         T = seq_len or cfg.block_size
         n = self.num_params(exclude_position_embeddings=True)
+        if not cfg.tie_embeddings:
+            n -= self.wte.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     def forward(self, idx: torch.Tensor | None = None, targets: torch.Tensor | None = None, *,

@@ -20,6 +20,8 @@ def test_fields_become_flags_with_defaults():
     cfg = parse_config(Config, ["--steps", "5", "--lr", "0.5", "--shuffle", "false",
                                 "--data", "a.txt", "b.jsonl", "--out", "x"])
     assert cfg == Config(steps=5, lr=0.5, shuffle=False, data=["a.txt", "b.jsonl"], out="x")
+    assert parse_config(Config, ["--data", "a", "--data", "b"]).data == ["a", "b"]
+    assert Config().data == ["default"]  # the default list was not extended in place
 
 
 def test_bad_values_are_refused(capsys):

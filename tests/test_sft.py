@@ -69,3 +69,20 @@ def test_attend_across_is_plain_causal(tok):
     assert (batch.segment_ids[0, :used] == 1).all() and (batch.segment_ids[0, used:] == 0).all()
     mask = attention_mask(batch.segment_ids)[0, 0, :used, :used]
     assert torch.equal(mask, torch.ones(used, used, dtype=torch.bool).tril())
+
+
+def test_packed_examples_through_the_model_equal_each_example_alone(tok):
+    from minillm.model import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2,
+                            n_embd=16, position="rope", norm="rmsnorm", activation="swiglu")).eval()
+    examples = [encode_example(tok, "question:", " four" * k) for k in (1, 3, 2)]
+    batch = pack(examples, block_size=32, pad_id=0)
+    out = model(batch.inputs, batch.targets, position_ids=batch.position_ids,
+                attn_mask=attention_mask(batch.segment_ids))
+    start = 0
+    for x, y in examples:
+        alone = model(torch.tensor([x]), torch.tensor([y]))
+        torch.testing.assert_close(out.logits[0, start:start + len(x)], alone.logits[0], atol=1e-5, rtol=1e-5)
+        start += len(x)
