@@ -188,8 +188,9 @@ def prepare(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path,
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(out_dir.glob("*.bin")) + list(out_dir.glob("*.tmp")):
-        stale.unlink()  # an earlier, unfinished run: its shards would mix with ours
+    for split in ("train", "val"):  # an earlier run's shards would mix with ours
+        for stale in list(out_dir.glob(f"{split}_*.bin")) + list(out_dir.glob(f"{split}_*.bin.tmp")):
+            stale.unlink()
     (out_dir / "meta.json").unlink(missing_ok=True)
     tokenizer.save(out_dir / "tokenizer.json")
     eot = tokenizer.special_tokens.get("<|endoftext|>")

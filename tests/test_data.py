@@ -119,8 +119,9 @@ def test_prepare_writes_train_and_val_that_decode_to_the_documents(tmp_path, tok
 def test_prepare_replaces_an_unfinished_run(tmp_path, tok):
     (tmp_path / "train_000007.bin").write_bytes(b"left over")
     (tmp_path / "train_000000.bin.tmp").write_bytes(b"half")
+    (tmp_path / "notes.bin").write_bytes(b"not ours: kept")
     prepare(["a fox", "a dog"], tok, tmp_path, val_fraction=0.0, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "tokenizer.json",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "notes.bin", "tokenizer.json",
                                                           "train_000000.bin"]
 
 
