@@ -1,0 +1,54 @@
+"""Process-group setup: the same script runs as one process or under `torchrun`.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and, across nodes, its rendezvous settles
+MASTER_ADDR / MASTER_PORT); `setup()` reads them, picks NCCL on GPUs and gloo on the CPU, and binds
+each process to its GPU. `MINILLM_DIST_TIMEOUT_S` bounds how long a collective may wait (tests use a
+few seconds so that a hung rank fails fast instead of after torch's default 30 minutes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun; choose the device."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        timeout = timedelta(seconds=float(os.environ.get("MINILLM_DIST_TIMEOUT_S", 1800)))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+    return DistInfo(rank, local_rank, world, dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

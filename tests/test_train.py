@@ -1,0 +1,114 @@
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minillm.corpus import stdlib_docstrings
+from minillm.data import TokenDataset, prepare
+from minillm.distributed import DistInfo
+from minillm.tokenizer import train_bpe
+from minillm.train import TrainConfig, Trainer, latest_checkpoint, lr_at
+from tests.distributed import torchrun
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    docs = list(stdlib_docstrings(max_files=60))
+    tok = train_bpe(docs, vocab_size=512)
+    out = tmp_path_factory.mktemp("data")
+    prepare(docs, tok, out, val_fraction=0.05, progress=False)
+    return out
+
+
+def config(data_dir, out_dir, **kw):
+    base = dict(data=str(data_dir), out_dir=str(out_dir), preset="tiny-gpt", block_size=32,
+                batch_size=4, max_steps=12, warmup_steps=2, eval_interval=0, ckpt_interval=0,
+                log_interval=4, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_schedules():
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+    wsd = TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=10, max_steps=100, schedule="wsd",
+                      decay_fraction=0.2)
+    assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0
+    assert lr_at(90, wsd) == pytest.approx(0.5) and lr_at(100, wsd) == 0.0
+
+
+def test_loss_falls_below_the_unigram_entropy(data_dir, tmp_path):
+    tokens = np.asarray(TokenDataset(data_dir, "train").shards[0])
+    freq = np.bincount(tokens) / len(tokens)
+    unigram_entropy = -(freq[freq > 0] * np.log(freq[freq > 0])).sum()  # 5.34 nats here
+    history = Trainer(config(data_dir, tmp_path, max_steps=250, batch_size=8, lr=1e-3),
+                      DistInfo()).train()
+    first, last = history[0]["loss"], sum(h["loss"] for h in history[-5:]) / 5
+    assert first > math.log(512) - 0.5
+    assert last < unigram_entropy - 0.5  # the model uses context, not just token frequencies
+
+
+def test_interrupted_and_resumed_run_reproduces_the_loss_curve(data_dir, tmp_path):
+    full = Trainer(config(data_dir, tmp_path / "full"), DistInfo()).train()
+
+    class KillAtStep7:  # dies two steps after the checkpoint of step 5: steps 6, 7 are lost
+        losses = []
+
+        def on_step_end(self, trainer, record):
+            self.losses.append(record["loss"])
+            if trainer.step == 7:
+                raise KeyboardInterrupt
+
+    first = Trainer(config(data_dir, tmp_path / "split", ckpt_interval=5), DistInfo(),
+                    callbacks=[KillAtStep7()])
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    resumed = Trainer(config(data_dir, tmp_path / "split", ckpt_interval=5, resume=True), DistInfo())
+    assert resumed.step == 5
+    tail = resumed.train()
+    assert KillAtStep7.losses[:5] + [h["loss"] for h in tail] == [h["loss"] for h in full]
+    metrics = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [4, 8, 12]
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(data_dir, tmp_path, monkeypatch):
+    trainer = Trainer(config(data_dir, tmp_path, max_steps=4, ckpt_interval=2), DistInfo())
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
+
+    def crash(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", crash)
+    trainer.step = 6
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    (tmp_path / "ckpt_0000004.pt").with_name("ckpt_0000005.pt").write_bytes(b"garbage")  # damaged
+    path, state = latest_checkpoint(tmp_path)
+    assert path.name == "ckpt_0000004.pt" and state["step"] == 4
+
+
+def test_nan_loss_stops_with_a_clear_message(data_dir, tmp_path):
+    trainer = Trainer(config(data_dir, tmp_path, max_steps=3), DistInfo())
+    with torch.no_grad():
+        trainer.model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0.*no checkpoint yet"):
+        trainer.train()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process_accumulation(data_dir, tmp_path):
+    torchrun(WORKERS / "train_ddp.py", str(data_dir), str(tmp_path / "ddp"), timeout=180)
+    single = Trainer(config(data_dir, tmp_path / "one", block_size=16, batch_size=2, grad_accum=4,
+                            max_steps=3, warmup_steps=1), DistInfo())
+    single.train()
+    ddp_state = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
+    for name, p in single.model.state_dict().items():
+        torch.testing.assert_close(ddp_state[name], p, atol=1e-5, rtol=1e-4)
