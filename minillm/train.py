@@ -234,7 +234,7 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training",
                    disable=not (cfg.progress and self.dist.is_main))
-        t0 = time.perf_counter()
+        t0, last_logged = time.perf_counter(), self.step
         while self.step < cfg.max_steps:
             self._callback("on_step_start")
             lr = lr_at(self.step, cfg)
@@ -272,8 +272,8 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 elapsed = time.perf_counter() - t0
-                record["tokens_per_s"] = tokens_per_step * cfg.log_interval / max(elapsed, 1e-9)
-                t0 = time.perf_counter()
+                record["tokens_per_s"] = tokens_per_step * (self.step - last_logged) / max(elapsed, 1e-9)
+                t0, last_logged = time.perf_counter(), self.step
                 self.log(record)
                 if self.dist.is_main:
                     bar.write(f"step {self.step:>6} | loss {loss_value:.4f} | lr {lr:.2e} | "
