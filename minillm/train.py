@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .data import TokenDataset, TokenLoader, eval_batches
 from .distributed import DistInfo
-from .model import GPT, ModelConfig
+from .model import GPT, ModelConfig, preset
 from .tokenizer import Tokenizer
 
 CHECKPOINT_FORMAT = "minillm.train"
@@ -129,7 +129,6 @@ class Trainer:
         self.loader = TokenLoader(train, cfg.block_size, cfg.batch_size, seed=cfg.seed,
                                   rank=dist.rank, world_size=dist.world_size, device=self.device)
         if model_config is None:
-            from .model import preset
             model_config = preset(cfg.preset, vocab_size=self.tokenizer.vocab_size,
                                   block_size=cfg.block_size, dropout=cfg.dropout)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -218,6 +217,10 @@ class Trainer:
             with self.autocast:
                 losses.append(self.model(x, y).loss.float())
         self.model.train()
+        if not losses:
+            raise ValueError(f"{self.cfg.data}: the val split holds fewer than batch_size "
+                             f"({self.cfg.batch_size}) windows of {self.cfg.block_size + 1} tokens; "
+                             "raise val_fraction when preparing, or set --eval-interval 0")
         loss = torch.stack(losses).mean()
         if self.dist.enabled:
             torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
