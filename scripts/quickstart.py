@@ -11,7 +11,6 @@
    (or a printed loss table when matplotlib is absent) in `--out-dir`.
 """
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from minillm.corpus import stdlib_docstrings  # noqa: E402
 from minillm.data import prepare  # noqa: E402
 from minillm.generate import LocalLM  # noqa: E402
 from minillm.model import save_model  # noqa: E402
+from minillm.plotting import loss_table, plot_metrics, read_metrics  # noqa: E402
 from minillm.tokenizer import train_bpe  # noqa: E402
 from minillm.train import TrainConfig, Trainer  # noqa: E402
 
@@ -36,30 +36,6 @@ class QuickstartConfig:
     max_steps: int = 500
     tiny: bool = field(default=False, metadata={"help": "a seconds-long smoke run"})
     seed: int = 0
-
-
-def plot_or_table(metrics_path: Path, out_png: Path) -> None:
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("step  train loss  (pip install matplotlib for loss.png)")
-        for step, loss in train:
-            print(f"{step:>4}  {loss:10.4f}")
-        return
-    plt.figure(figsize=(6, 4))
-    plt.plot(*zip(*train), label="train")
-    if val:
-        plt.plot(*zip(*val), "o-", label="val")
-    plt.xlabel("step")
-    plt.ylabel("loss (nats/token)")
-    plt.legend()
-    plt.savefig(out_png, dpi=100, bbox_inches="tight")
-    print(f"loss plot: {out_png}")
 
 
 def main(argv=None):
@@ -89,7 +65,11 @@ def main(argv=None):
     save_model(out_dir / "model.pt", trainer.model, trainer.tokenizer)
     print(f"saved {out_dir / 'model.pt'}; sample more with "
           f"python scripts/sample.py --checkpoint {out_dir / 'model.pt'}")
-    plot_or_table(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    if plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png"):
+        print(f"loss plot: {out_dir / 'loss.png'}")
+    else:
+        print("losses (pip install matplotlib for loss.png):")
+        print(loss_table(read_metrics(out_dir / "metrics.jsonl")))
 
 
 if __name__ == "__main__":

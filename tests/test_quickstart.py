@@ -18,5 +18,6 @@ def test_quickstart_tiny_runs_end_to_end(tmp_path, capsys):
     records = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0]
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     model, tok, _ = load_model(tmp_path / "out" / "model.pt")
     assert tok is not None and model.config.vocab_size == tok.vocab_size
