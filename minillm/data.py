@@ -398,6 +398,28 @@ def eval_batches(dataset: TokenDataset, block_size: int, batch_size: int, max_ba
 
 # --- mixtures -----------------------------------------------------------------------------------
 
+def parse_domains(specs: list[str]) -> dict[str, tuple[str, float]]:
+    """Domains from command-line specs: `PATH` (named after its folder, weight 1) or
+    `NAME=PATH[:WEIGHT]`, e.g. `["web=data/web:0.7", "code=data/code:0.3"]`."""
+    domains: dict[str, tuple[str, float]] = {}
+    for spec in specs:
+        name, _, rest = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path, weight = rest, 1.0
+        head, sep, tail = rest.rpartition(":")
+        if sep:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass  # a ':' that belongs to the path
+        name = name or Path(path).name
+        if name in domains:
+            raise ValueError(f"domain {name!r} is given twice in {specs}")
+        domains[name] = (path, weight)
+    if not domains:
+        raise ValueError("no data given: pass at least one dataset folder")
+    return domains
+
+
 class MixtureLoader:
     """Batches whose rows come from named domains in proportion to `weights`.
 

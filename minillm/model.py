@@ -334,6 +334,9 @@ class GPT(nn.Module):
             # One matrix both embeds tokens and scores them (GPT-2; Press & Wolf 2017).
             self.lm_head.weight = self.wte.weight
         self.drop = nn.Dropout(cfg.dropout)
+        # Recompute each block's activations in the backward pass instead of storing them
+        # (less memory, about one extra forward of compute). Set by the trainer.
+        self.activation_checkpointing = False
         if cfg.position == "rope":
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.apply(self._init_weights)
@@ -405,8 +408,13 @@ class GPT(nn.Module):
         x_BTd = self.drop(x_BTd)
 
         aux_losses: dict[str, torch.Tensor] = {}
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BTd, aux = block(x_BTd, rope, attn_mask, kv_cache, masks)
+            if checkpointing:
+                x_BTd, aux = torch.utils.checkpoint.checkpoint(
+                    block, x_BTd, rope, attn_mask, kv_cache, masks, use_reentrant=False)
+            else:
+                x_BTd, aux = block(x_BTd, rope, attn_mask, kv_cache, masks)
             for name, value in aux.items():
                 aux_losses[name] = aux_losses.get(name, 0) + value
         if kv_cache is not None:
@@ -437,14 +445,16 @@ def save_model(path, model: GPT, tokenizer: Tokenizer | None = None, extra: dict
 
 
 def load_model(path, device="cpu"):
-    """(model, tokenizer or None, extra) from a file written by `save_model`. Loaded with
-    `weights_only=True`: a checkpoint can carry tensors and plain data, never code."""
+    """(model, tokenizer or None, extra) from a file written by `save_model`, or from a training
+    checkpoint (`ckpt_*.pt`). Loaded with `weights_only=True`: tensors and plain data, never code."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
     blob = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != "minillm.model":
-        raise ValueError(f"{path}: not a minillm model checkpoint")
-    model = GPT(ModelConfig(**blob["config"])).to(device)
+    fmt = blob.get("format") if isinstance(blob, dict) else None
+    if fmt not in ("minillm.model", "minillm.train"):
+        raise ValueError(f"{path}: not a minillm model or training checkpoint")
+    config = blob["config"] if fmt == "minillm.model" else blob["model_config"]
+    model = GPT(ModelConfig(**config)).to(device)
     model.load_state_dict(blob["model"])
     tok = blob.get("tokenizer")
     return model, (Tokenizer.from_dict(tok, source=str(path)) if tok else None), blob.get("extra", {})

@@ -19,22 +19,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from .data import TokenDataset, TokenLoader, eval_batches
+from .data import MixtureLoader, TokenDataset, TokenLoader, eval_batches, parse_domains
 from .distributed import DistInfo
 from .model import GPT, ModelConfig, preset
 from .tokenizer import Tokenizer
 
 CHECKPOINT_FORMAT = "minillm.train"
+# Peak dense bf16 tensor-core FLOP/s (no sparsity), from NVIDIA's data sheets; matched against
+# torch.cuda.get_device_name() in this order. MFU is reported only for GPUs listed here.
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+                   ("L40S", 362e12), ("L4", 121e12)]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
 @dataclass
 class TrainConfig:
-    data: str = field(default="data/default", metadata={"help": "dataset folder from prepare_data"})
+    data: list[str] = field(default_factory=lambda: ["data/default"], metadata={
+        "help": "dataset folders from prepare_data; several domains as NAME=PATH:WEIGHT"})
     out_dir: str = field(default="out/run", metadata={"help": "checkpoints and metrics.jsonl"})
     preset: str = field(default="tiny-gpt", metadata={"help": "model preset (minillm.model.PRESETS)"})
+    n_layer: int | None = field(default=None, metadata={"help": "override the preset's depth"})
+    n_head: int | None = field(default=None, metadata={"help": "override the preset's heads"})
+    n_embd: int | None = field(default=None, metadata={"help": "override the preset's width"})
     block_size: int = 128
     dropout: float = 0.0
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process"})
@@ -58,6 +78,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    fsdp: bool = field(default=False, metadata={"help": "shard with FSDP2 instead of DDP"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute block activations in backward (saves memory)"})
     progress: bool = True
 
 
@@ -114,6 +137,12 @@ def latest_checkpoint(out_dir: Path) -> tuple[Path, dict] | tuple[None, None]:
 # --- the trainer -----------------------------------------------------------------------------------
 
 class Trainer:
+    """Builds data, model and optimizer from a `TrainConfig` and runs the loop.
+
+    `self.model` is the plain `GPT` (sharded in place under FSDP2); `self.wrapped` is what the loop
+    calls (DDP and / or torch.compile around it). `self.loader` is a `MixtureLoader` over the
+    domains of `cfg.data` (one domain is a mixture of one); callbacks may change its weights."""
+
     def __init__(self, cfg: TrainConfig, dist: DistInfo, callbacks: list | None = None,
                  model_config: ModelConfig | None = None):
         self.cfg, self.dist, self.callbacks = cfg, dist, list(callbacks or [])
@@ -123,16 +152,20 @@ class Trainer:
         self.accum = cfg.grad_accum // dist.world_size
         self.out_dir = Path(cfg.out_dir)
         self.device = dist.device
-        self.tokenizer = Tokenizer.load(Path(cfg.data) / "tokenizer.json")
-        train = TokenDataset(cfg.data, "train")
-        self.val = TokenDataset(cfg.data, "val")
-        self.loader = TokenLoader(train, cfg.block_size, cfg.batch_size, seed=cfg.seed,
-                                  rank=dist.rank, world_size=dist.world_size, device=self.device)
+        self._build_data()
         if model_config is None:
+            sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
             model_config = preset(cfg.preset, vocab_size=self.tokenizer.vocab_size,
-                                  block_size=cfg.block_size, dropout=cfg.dropout)
+                                  block_size=cfg.block_size, dropout=cfg.dropout, **sizes)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = GPT(model_config).to(self.device)
+        self.model.activation_checkpointing = cfg.activation_checkpointing
+        if cfg.fsdp:
+            # Shard every block, then the root (embeddings, final norm, head): each block's
+            # parameters are gathered just before it runs and freed after.
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.model)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.step = 0
         self.checkpoint_path = None
@@ -141,11 +174,31 @@ class Trainer:
         self.wrapped = self.model
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
-        if dist.enabled:
+        if dist.enabled and not cfg.fsdp:
             self.wrapped = DDP(self.wrapped, device_ids=[dist.local_rank] if self.device.type == "cuda"
                                else None)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
+        self.peak_flops = peak_flops(self.device)
+
+    def _build_data(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        domains = parse_domains(cfg.data)
+        self.tokenizer = None
+        loaders, weights, self.val = {}, {}, {}
+        for name, (path, weight) in domains.items():
+            tok = Tokenizer.load(Path(path) / "tokenizer.json")
+            if self.tokenizer is None:
+                self.tokenizer, first = tok, path
+            elif tok.to_dict() != self.tokenizer.to_dict():
+                raise ValueError(f"{path} was tokenized with another tokenizer than {first}: "
+                                 "all domains must share one")
+            loaders[name] = TokenLoader(TokenDataset(path, "train"), cfg.block_size, cfg.batch_size,
+                                        seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                                        device=self.device)
+            self.val[name] = TokenDataset(path, "val")
+            weights[name] = weight
+        self.loader = MixtureLoader(loaders, weights, cfg.batch_size, seed=cfg.seed)
 
     def _callback(self, name: str, *args) -> None:
         for cb in self.callbacks:
@@ -154,38 +207,58 @@ class Trainer:
                 fn(self, *args)
 
     # --- checkpoints ---
+    def _rng_states(self) -> list:
+        """Every rank's torch RNG state (so each rank resumes its own dropout stream)."""
+        state = torch.get_rng_state()
+        if not self.dist.enabled:
+            return [state]
+        states = [None] * self.dist.world_size
+        torch_dist.all_gather_object(states, state)
+        return states
+
     def state_dict(self) -> dict:
+        """The full training state. Under FSDP this is a collective: every rank must call it;
+        the full tensors end up on rank 0 (on the CPU)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = {"format": CHECKPOINT_FORMAT, "step": self.step,
-                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "loader": self.loader.state_dict(), "rng": torch.get_rng_state(),
+                 "model": get_model_state_dict(self.model, options=options),
+                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
+                 "loader": self.loader.state_dict(), "rng": self._rng_states(),
                  "train_config": dataclasses.asdict(self.cfg),
                  "model_config": self.model.config.to_dict(), "tokenizer": self.tokenizer.to_dict()}
         if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def save(self) -> Path:
         path = self.out_dir / f"ckpt_{self.step:07d}.pt"
+        state = self.state_dict()  # on every rank: gathering a sharded model is collective
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(path, self.state_dict())
+            save_checkpoint(path, state)
             for old in sorted(self.out_dir.glob("ckpt_*.pt"))[:-self.cfg.keep_checkpoints]:
                 old.unlink()
+        if self.dist.enabled:
+            torch_dist.barrier()
         self.checkpoint_path = path
         self._callback("on_checkpoint", path)
         return path
 
     def _resume(self) -> None:
+        """Load the newest good checkpoint (each rank reads the file: multi-node runs need a
+        shared file system for `out_dir`)."""
         path, state = latest_checkpoint(self.out_dir)
         if path is None:
             print(f"--resume: no checkpoint in {self.out_dir}, starting from step 0")
             return
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state["model"], options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         self.loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        rng = state["rng"]
+        torch.set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step = state["step"]
         self.checkpoint_path = path
         self._truncate_metrics()
@@ -209,33 +282,53 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Loss and perplexity on the fixed validation windows of every domain; `val_loss` is
+        their unweighted mean."""
         self.model.eval()
-        losses = []
-        for x, y in eval_batches(self.val, self.cfg.block_size, self.cfg.batch_size,
-                                 self.cfg.eval_batches, self.dist.rank, self.dist.world_size,
-                                 self.device):
-            with self.autocast:
-                losses.append(self.model(x, y).loss.float())
+        result = {"step": self.step}
+        for name, dataset in self.val.items():
+            losses = []
+            for x, y in eval_batches(dataset, self.cfg.block_size, self.cfg.batch_size,
+                                     self.cfg.eval_batches, self.dist.rank, self.dist.world_size,
+                                     self.device):
+                with self.autocast:
+                    losses.append(self.model(x, y).loss.float())
+            if not losses:
+                raise ValueError(f"domain {name!r}: the val split holds fewer than batch_size "
+                                 f"({self.cfg.batch_size}) windows of {self.cfg.block_size + 1} "
+                                 "tokens per rank; raise val_fraction when preparing, or set "
+                                 "--eval-interval 0")
+            loss = torch.stack(losses).mean()
+            if self.dist.enabled:
+                torch_dist.all_reduce(loss, op=torch_dist.ReduceOp.AVG)
+            result[f"val_loss/{name}"] = loss.item()
+            result[f"val_ppl/{name}"] = math.exp(loss.item())
+        domain_losses = [v for k, v in result.items() if k.startswith("val_loss/")]
+        result["val_loss"] = sum(domain_losses) / len(domain_losses)
         self.model.train()
-        if not losses:
-            raise ValueError(f"{self.cfg.data}: the val split holds fewer than batch_size "
-                             f"({self.cfg.batch_size}) windows of {self.cfg.block_size + 1} tokens; "
-                             "raise val_fraction when preparing, or set --eval-interval 0")
-        loss = torch.stack(losses).mean()
-        if self.dist.enabled:
-            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
-        result = {"step": self.step, "val_loss": loss.item(), "val_ppl": math.exp(loss.item())}
         self.log(result)
         self._callback("on_eval", result)
         return result
+
+    def _grad_sync(self, sync: bool):
+        """Context for one micro-batch: gradients are all-reduced only on the last one."""
+        if not self.dist.enabled or sync:
+            if self.cfg.fsdp:
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.cfg.fsdp:
+            self.model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
 
     # --- the loop ---
     def train(self) -> list[dict]:
         cfg = self.cfg
         self.model.train()
         history = []
-        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training",
+        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum  # over all processes
+        flops_per_token = self.model.flops_per_token(cfg.block_size)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", mininterval=1.0,
                    disable=not (cfg.progress and self.dist.is_main))
         t0, last_logged = time.perf_counter(), self.step
         while self.step < cfg.max_steps:
@@ -246,9 +339,8 @@ class Trainer:
             total_loss = torch.zeros((), device=self.device)
             aux_totals: dict[str, float] = {}
             for micro in range(self.accum):
-                x, y = self.loader.next_batch()
-                sync = micro == self.accum - 1 or not self.dist.enabled
-                with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self.autocast:
+                x, y, _ = self.loader.next_batch()
+                with self._grad_sync(micro == self.accum - 1), self.autocast:
                     out = self.wrapped(x, y)
                     loss = out.loss + sum(out.aux_losses.values())
                     (loss / self.accum).backward()
@@ -257,8 +349,10 @@ class Trainer:
                     aux_totals[name] = aux_totals.get(name, 0.0) + value.item() / self.accum
             grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                          if cfg.grad_clip > 0 else torch.zeros(()))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             if self.dist.enabled:
-                torch.distributed.all_reduce(total_loss, op=torch.distributed.ReduceOp.AVG)
+                torch_dist.all_reduce(total_loss, op=torch_dist.ReduceOp.AVG)
             loss_value = total_loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
@@ -272,20 +366,25 @@ class Trainer:
             history.append(record)
             self._callback("on_step_end", record)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 elapsed = time.perf_counter() - t0
                 record["tokens_per_s"] = tokens_per_step * (self.step - last_logged) / max(elapsed, 1e-9)
+                line = (f"step {self.step:>6} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                        f"grad norm {float(grad_norm):.3f} | {record['tokens_per_s']:,.0f} tok/s")
+                if self.peak_flops:
+                    record["mfu"] = (flops_per_token * record["tokens_per_s"]
+                                     / (self.peak_flops * self.dist.world_size))
+                    line += f" | MFU {100 * record['mfu']:.1f}%"
                 t0, last_logged = time.perf_counter(), self.step
                 self.log(record)
                 if self.dist.is_main:
-                    bar.write(f"step {self.step:>6} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                              f"grad norm {float(grad_norm):.3f} | {record['tokens_per_s']:,.0f} tok/s")
+                    bar.write(line)
             if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
                 result = self.evaluate()
                 if self.dist.is_main:
-                    bar.write(f"step {self.step:>6} | val loss {result['val_loss']:.4f} | "
-                              f"val ppl {result['val_ppl']:.2f}")
+                    bar.write(f"step {self.step:>6} | val loss " + " | ".join(
+                        f"{k[9:]} {v:.4f}" for k, v in result.items() if k.startswith("val_loss/")))
             if cfg.ckpt_interval and (self.step % cfg.ckpt_interval == 0 or self.step == cfg.max_steps):
                 self.save()
         bar.close()

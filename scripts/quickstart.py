@@ -46,7 +46,7 @@ def main(argv=None):
         print(f"training a tokenizer on {len(docs)} standard-library docstrings ...")
         tok = train_bpe(docs, vocab_size=512 if cfg.tiny else 4096)
         prepare(docs, tok, data_dir, val_fraction=0.02)
-    train_cfg = TrainConfig(data=str(data_dir), out_dir=str(out_dir), preset="tiny-gpt",
+    train_cfg = TrainConfig(data=[str(data_dir)], out_dir=str(out_dir), preset="tiny-gpt",
                             block_size=32 if cfg.tiny else 128, batch_size=16,
                             max_steps=20 if cfg.tiny else cfg.max_steps,
                             warmup_steps=5 if cfg.tiny else 50, eval_interval=10 if cfg.tiny else 100,

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from minillm.corpus import stdlib_docstrings
-from minillm.data import TokenDataset, prepare
+from minillm.data import TokenDataset, parse_domains, prepare
 from minillm.distributed import DistInfo
+from minillm.model import GPT, load_model, preset
 from minillm.tokenizer import train_bpe
-from minillm.train import TrainConfig, Trainer, latest_checkpoint, lr_at
+from minillm.train import PEAK_BF16_FLOPS, TrainConfig, Trainer, latest_checkpoint, lr_at, peak_flops
 from tests.distributed import torchrun
 
 WORKERS = Path(__file__).parent / "workers"
@@ -26,7 +27,7 @@ def data_dir(tmp_path_factory):
 
 
 def config(data_dir, out_dir, **kw):
-    base = dict(data=str(data_dir), out_dir=str(out_dir), preset="tiny-gpt", block_size=32,
+    base = dict(data=[str(data_dir)], out_dir=str(out_dir), preset="tiny-gpt", block_size=32,
                 batch_size=4, max_steps=12, warmup_steps=2, eval_interval=0, ckpt_interval=0,
                 log_interval=4, progress=False)
     return TrainConfig(**{**base, **kw})
@@ -112,3 +113,61 @@ def test_ddp_two_processes_match_single_process_accumulation(data_dir, tmp_path)
     ddp_state = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
     for name, p in single.model.state_dict().items():
         torch.testing.assert_close(ddp_state[name], p, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp2_full_checkpoint_loads_into_one_process_and_back(data_dir, tmp_path):
+    torchrun(WORKERS / "train_fsdp.py", str(data_dir), str(tmp_path), timeout=180)
+    saved = torch.load(tmp_path / "logits.pt", weights_only=True)
+    model, tok, _ = load_model(tmp_path / "ckpt_0000002.pt")  # one process, no sharding
+    x = torch.arange(32).view(2, 16) % 100
+    with torch.no_grad():
+        single = model.eval()(x).logits
+    torch.testing.assert_close(single, saved["trained"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(saved["resumed"], saved["trained"], atol=1e-5, rtol=1e-5)
+    assert tok is not None
+
+
+def test_activation_checkpointing_gives_the_same_gradients(data_dir):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-llama", vocab_size=512, block_size=32))
+    x = torch.randint(0, 512, (2, 32))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        model(x, x).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_domains_are_mixed_and_evaluated_separately(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path, data=[f"a={data_dir}:3", f"b={data_dir}:1"], max_steps=4,
+                 eval_interval=4, eval_batches=2)
+
+    class WeightsAfterEval:
+        def on_eval(self, trainer, result):
+            self.result = result
+            trainer.loader.set_weights({"a": 0.0, "b": 1.0})  # what dynamic batch loading does
+
+    cb = WeightsAfterEval()
+    trainer = Trainer(cfg, DistInfo(), callbacks=[cb])
+    trainer.train()
+    assert set(cb.result) >= {"val_loss/a", "val_loss/b", "val_ppl/a", "val_loss"}
+    assert cb.result["val_loss/a"] == cb.result["val_loss/b"]  # same data, same fixed windows
+    assert trainer.loader.weights.tolist() == [0.0, 1.0]
+    assert (trainer.loader.next_batch()[2] == 1).all()
+
+
+def test_domain_specs():
+    assert parse_domains(["data/web"]) == {"web": ("data/web", 1.0)}
+    assert parse_domains(["w=data/web:0.7", "c=data/code"]) == {"w": ("data/web", 0.7),
+                                                                "c": ("data/code", 1.0)}
+    with pytest.raises(ValueError, match="given twice"):
+        parse_domains(["data/web", "other/web"])
+
+
+def test_mfu_table():
+    assert peak_flops(torch.device("cpu")) is None
+    assert dict(PEAK_BF16_FLOPS)["H100"] == 989e12

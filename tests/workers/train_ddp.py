@@ -9,7 +9,7 @@ from minillm.train import TrainConfig, Trainer
 
 data, out = sys.argv[1], sys.argv[2]
 dist = distributed.setup("cpu")
-cfg = TrainConfig(data=data, out_dir=out, preset="tiny-gpt", block_size=16, batch_size=2,
+cfg = TrainConfig(data=[data], out_dir=out, preset="tiny-gpt", block_size=16, batch_size=2,
                   grad_accum=4, max_steps=3, warmup_steps=1, eval_interval=0, ckpt_interval=0,
                   progress=False)
 trainer = Trainer(cfg, dist)
