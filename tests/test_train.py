@@ -171,3 +171,26 @@ def test_domain_specs():
 def test_mfu_table():
     assert peak_flops(torch.device("cpu")) is None
     assert dict(PEAK_BF16_FLOPS)["H100"] == 989e12
+
+
+def test_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, str(WORKERS / "save_forever.py"), str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "1"  # the first checkpoint is complete
+        deadline = time.time() + 30
+        while not list(tmp_path.glob("*.tmp")) and time.time() < deadline:
+            time.sleep(0.001)  # wait until the next one is being written
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    path, state = latest_checkpoint(tmp_path)
+    assert path is not None and state["w"].numel() == 25_000_000
+    assert list(tmp_path.glob("*.tmp")) or path.name != "ckpt_0000001.pt"  # killed mid-write
