@@ -1,0 +1,319 @@
+"""Hugging Face checkpoints in and out: `GPT2LMHeadModel` and `LlamaForCausalLM`, exactly.
+
+    model = load_hf("path/to/llama-folder", dtype=torch.bfloat16, device="cuda")
+    save_hf(model, "path/to/out")          # transformers' from_pretrained loads it, same logits
+    tok = load_hf_tokenizer("path/to/llama-folder")
+
+Loading builds the model on the meta device (no memory, no initialisation), then reads the
+checkpoint one tensor at a time, converts it (GPT-2's Conv1D weights are stored transposed and its
+q/k/v fused), moves it straight to the target device and dtype, and puts it in place: the weights
+are never held twice. A config field that changes the computation and that minillm does not
+implement is refused with its name; nothing is silently ignored. LLaMA checkpoints in the Hugging
+Face layout already use RoPE's rotate-half pairing, which is minillm's, so no weight is permuted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import safetensors_io
+from .model import GPT, ModelConfig, rope_inv_freq
+
+CONFIG = "config.json"
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                    "relu": "relu"}
+
+
+# --- configs ------------------------------------------------------------------------------------------
+
+def _require(hf: dict, field: str, supported, source: str, default=None) -> None:
+    """Refuse a config field whose value changes the math in a way minillm does not implement."""
+    value = hf.get(field, default)
+    if value not in supported:
+        raise ValueError(f"{source}: config field {field}={value!r} is not supported by minillm "
+                         f"(supported: {sorted(map(repr, supported))})")
+
+
+def _rope(hf: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, minillm rope_scaling) from either config style: `rope_theta` + `rope_scaling`
+    (transformers 4) or `rope_parameters` (transformers 5)."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = {**legacy, **params}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind == "linear":
+        return float(theta), {"type": "linear", "factor": float(scaling["factor"])}
+    if kind == "llama3":
+        return float(theta), {"type": "llama3", "factor": float(scaling["factor"]),
+                              "low_freq_factor": float(scaling["low_freq_factor"]),
+                              "high_freq_factor": float(scaling["high_freq_factor"]),
+                              "original_max_position_embeddings":
+                                  int(scaling["original_max_position_embeddings"])}
+    raise ValueError(f"{source}: config field rope_scaling type {kind!r} is not supported by "
+                     "minillm (supported: default, linear, llama3)")
+
+
+def config_from_hf(hf: dict, source: str = CONFIG) -> ModelConfig:
+    """A minillm config from a Hugging Face `config.json` dict."""
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        _require(hf, "scale_attn_weights", {True}, source, True)
+        _require(hf, "scale_attn_by_inverse_layer_idx", {False}, source, False)
+        _require(hf, "add_cross_attention", {False}, source, False)
+        _require(hf, "activation_function", set(GPT2_ACTIVATIONS), source, "gelu_new")
+        n_embd = hf["n_embd"]
+        return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd,
+                           ffn_hidden=hf.get("n_inner") or 4 * n_embd,
+                           activation=GPT2_ACTIVATIONS[hf.get("activation_function", "gelu_new")],
+                           norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           position="learned", tie_embeddings=hf.get("tie_word_embeddings", True))
+    if model_type == "llama":
+        _require(hf, "hidden_act", {"silu"}, source, "silu")
+        theta, scaling = _rope(hf, source)
+        n_head = hf["num_attention_heads"]
+        return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+                           n_layer=hf["num_hidden_layers"], n_head=n_head,
+                           n_kv_head=hf.get("num_key_value_heads") or n_head,
+                           n_embd=hf["hidden_size"],
+                           head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+                           ffn_hidden=hf["intermediate_size"], activation="swiglu", norm="rmsnorm",
+                           norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope", rope_theta=theta,
+                           rope_scaling=scaling, attn_bias=hf.get("attention_bias", False),
+                           mlp_bias=hf.get("mlp_bias", False),
+                           tie_embeddings=hf.get("tie_word_embeddings", False))
+    raise ValueError(f"{source}: unknown architecture model_type={model_type!r} "
+                     f"(architectures {hf.get('architectures')}); minillm loads gpt2 and llama")
+
+
+def family(cfg: ModelConfig) -> str:
+    """'gpt2' or 'llama' if the config is expressible in that Hugging Face architecture."""
+    if (cfg.position == "learned" and cfg.norm == "layernorm" and cfg.activation != "swiglu"
+            and cfg.attn_bias and cfg.mlp_bias and cfg.n_kv_head == cfg.n_head
+            and cfg.head_dim * cfg.n_head == cfg.n_embd):
+        return "gpt2"
+    if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.activation == "swiglu":
+        return "llama"
+    raise ValueError("this model matches neither GPT2LMHeadModel (learned positions, LayerNorm, "
+                     "biases, no SwiGLU) nor LlamaForCausalLM (RoPE, RMSNorm, SwiGLU)")
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    if family(cfg) == "gpt2":
+        act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation]
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.ffn_hidden,
+                "activation_function": act, "layer_norm_epsilon": cfg.norm_eps,
+                "tie_word_embeddings": cfg.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0}
+    scaling = None
+    if cfg.rope_scaling is not None:
+        scaling = {k: v for k, v in cfg.rope_scaling.items() if k != "type"}
+        scaling.update(type=cfg.rope_scaling["type"], rope_type=cfg.rope_scaling["type"])
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size,
+            "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_hidden,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            # both spellings: transformers 4 reads the first two, transformers 5 the third
+            "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
+            "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_theta}}
+
+
+# --- weight names -------------------------------------------------------------------------------------
+
+_GPT2_LAYER = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_proj": "attn.wo", "mlp.c_fc": "ffn.up",
+               "mlp.c_proj": "ffn.down"}
+_LLAMA_LAYER = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk",
+                "self_attn.v_proj": "attn.wv", "self_attn.o_proj": "attn.wo",
+                "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up", "mlp.down_proj": "ffn.down",
+                "input_layernorm": "norm1", "post_attention_layernorm": "norm2"}
+_IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$)")  # old buffers, not weights
+
+
+def _convert_gpt2(name: str, t: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    name = name.removeprefix("transformer.")
+    if name in ("wte.weight", "wpe.weight", "lm_head.weight"):
+        return [(name, t)]
+    if name.startswith("ln_f."):
+        return [("norm_f." + name[5:], t)]
+    m = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m is None:
+        raise KeyError(name)
+    i, module, kind = m.groups()
+    prefix = f"blocks.{i}."
+    if module == "attn.c_attn":  # fused q, k, v; Conv1D weights are (in, out)
+        t = t.t() if kind == "weight" else t
+        return [(prefix + f"attn.{w}.{kind}", part.contiguous())
+                for w, part in zip(("wq", "wk", "wv"), t.split(cfg.n_embd, dim=0))]
+    if module not in _GPT2_LAYER:
+        raise KeyError(name)
+    conv1d = kind == "weight" and module != "ln_1" and module != "ln_2"
+    return [(prefix + f"{_GPT2_LAYER[module]}.{kind}", t.t().contiguous() if conv1d else t)]
+
+
+def _convert_llama(name: str, t: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    simple = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "norm_f.weight",
+              "lm_head.weight": "lm_head.weight"}
+    if name in simple:
+        return [(simple[name], t)]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m is None or m.group(2) not in _LLAMA_LAYER:
+        raise KeyError(name)
+    i, module, kind = m.groups()
+    return [(f"blocks.{i}.{_LLAMA_LAYER[module]}.{kind}", t)]
+
+
+def _checkpoint_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint in `folder`, one at a time (sharded checkpoints included)."""
+    for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS), (BIN_INDEX, BIN)):
+        index = folder / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (folder / single).is_file():
+            files = [single]
+        else:
+            continue
+        for file in files:
+            if file.endswith(".safetensors"):
+                yield from safetensors_io.iter_tensors(folder / file)
+            else:
+                if not (folder / file).is_file():
+                    raise FileNotFoundError(f"{folder / file}: listed in {index} but missing")
+                # mmap: tensors are paged in as they are copied to their destination
+                yield from torch.load(folder / file, map_location="cpu", mmap=True,
+                                      weights_only=True).items()
+        return
+    raise FileNotFoundError(f"{folder}: no {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX}")
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    module = model.get_submodule(".".join(path))
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=True)
+
+
+def load_hf(folder: str | Path, device: str | torch.device = "cpu",
+            dtype: torch.dtype | None = None) -> GPT:
+    """A minillm `GPT` from a Hugging Face model folder; `dtype` None keeps the checkpoint's."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG} not found: not a Hugging Face model folder")
+    hf = json.loads((folder / CONFIG).read_text())
+    cfg = config_from_hf(hf, str(folder / CONFIG))
+    convert = _convert_gpt2 if hf["model_type"] == "gpt2" else _convert_llama
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = dict(model.named_parameters())  # tied weights appear once, as wte.weight
+    for hf_name, tensor in _checkpoint_tensors(folder):
+        if _IGNORED.search(hf_name):
+            continue
+        try:
+            converted = convert(hf_name, tensor, cfg)
+        except KeyError:
+            raise ValueError(f"{folder}: unexpected weight {hf_name!r} for {hf['model_type']}") from None
+        for name, t in converted:
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # the same matrix as wte.weight
+            if name not in expected:
+                raise ValueError(f"{folder}: weight {hf_name!r} has no place in the model "
+                                 f"(config says {cfg.n_layer} layers)")
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise ValueError(f"{folder}: shape mismatch for {hf_name!r}: checkpoint "
+                                 f"{tuple(t.shape)}, config implies {tuple(expected[name].shape)}")
+            _set_tensor(model, name, t.to(device=device, dtype=dtype or t.dtype))
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} weight(s), e.g. {missing[:3]}")
+    if cfg.position == "rope":
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+# --- saving ------------------------------------------------------------------------------------------
+
+def hf_state_dict(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) pairs of `model`, converted back to that layout."""
+    cfg = model.config
+    gpt2 = family(cfg) == "gpt2"
+    sd = model.state_dict()
+    if gpt2:
+        yield "transformer.wte.weight", sd["wte.weight"]
+        yield "transformer.wpe.weight", sd["wpe.weight"]
+    else:
+        yield "model.embed_tokens.weight", sd["wte.weight"]
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        if gpt2:
+            h = f"transformer.h.{i}."
+            yield h + "attn.c_attn.weight", torch.cat([sd[p + f"attn.{w}.weight"]
+                                                       for w in ("wq", "wk", "wv")]).t().contiguous()
+            yield h + "attn.c_attn.bias", torch.cat([sd[p + f"attn.{w}.bias"] for w in ("wq", "wk", "wv")])
+            for hf_mod, ours in _GPT2_LAYER.items():
+                conv1d = not hf_mod.startswith("ln_")
+                w = sd[p + ours + ".weight"]
+                yield h + hf_mod + ".weight", w.t().contiguous() if conv1d else w
+                yield h + hf_mod + ".bias", sd[p + ours + ".bias"]
+        else:
+            h = f"model.layers.{i}."
+            for hf_mod, ours in _LLAMA_LAYER.items():
+                yield h + hf_mod + ".weight", sd[p + ours + ".weight"]
+                if p + ours + ".bias" in sd and not ours.startswith("norm"):
+                    yield h + hf_mod + ".bias", sd[p + ours + ".bias"]
+    yield ("transformer.ln_f." if gpt2 else "model.norm.") + "weight", sd["norm_f.weight"]
+    if gpt2:
+        yield "transformer.ln_f.bias", sd["norm_f.bias"]
+    if not cfg.tie_embeddings:
+        yield "lm_head.weight", sd["lm_head.weight"]
+
+
+def save_hf(model: GPT, folder: str | Path, dtype: torch.dtype | None = None,
+            max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `model` as a Hugging Face folder: config.json and model.safetensors (sharded with an
+    index when larger than `max_shard_bytes`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = config_to_hf(model.config)
+    first = next(iter(model.parameters()))
+    hf["torch_dtype"] = hf["dtype"] = str(dtype or first.dtype).removeprefix("torch.")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in hf_state_dict(model):
+        t = t.detach().to("cpu", dtype or t.dtype)
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    for stale in folder.glob("model*.safetensors*"):
+        stale.unlink()
+    if len(shards) == 1:
+        safetensors_io.save_file(shards[0], folder / SAFETENSORS, metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for k, shard in enumerate(shards, 1):
+            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            safetensors_io.save_file(shard, folder / file, metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        (folder / SAFETENSORS_INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / CONFIG).write_text(json.dumps(hf, indent=2))
