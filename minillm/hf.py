@@ -317,3 +317,168 @@ def save_hf(model: GPT, folder: str | Path, dtype: torch.dtype | None = None,
         (folder / SAFETENSORS_INDEX).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (folder / CONFIG).write_text(json.dumps(hf, indent=2))
+
+
+# --- tokenizers --------------------------------------------------------------------------------------
+
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte-to-character map: printable Latin-1 bytes stand for themselves, the other 68
+    bytes for the characters 256, 257, ... in byte order (so every byte is a visible character)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def tokenizer_from_hf_json(path: str | Path):
+    """A byte-level BPE `tokenizer.json` (GPT-2, Llama 3 and the like) as a tiktoken-backed
+    `Tokenizer` with the same ids. Refuses what would make ids differ: a normalizer, a prefix space,
+    a pre-tokenizer other than ByteLevel (optionally after one regex Split), merged tokens whose ids
+    are not in merge order (tiktoken merges by rank), or missing single-byte tokens."""
+    from .tokenizer import GPT2_PATTERN, Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    d = json.loads(path.read_text())
+    model = d.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}: model type {model.get('type')!r}; only byte-level BPE converts")
+    if d.get("normalizer") is not None:
+        raise ValueError(f"{path}: field normalizer={d['normalizer'].get('type')!r} is not supported")
+    pre = d.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    pattern = GPT2_PATTERN
+    if len(steps) == 2 and steps[0].get("type") == "Split":
+        pattern = steps[0]["pattern"].get("Regex")
+        if pattern is None or steps[0].get("behavior") != "Isolated" or steps[0].get("invert"):
+            raise ValueError(f"{path}: pre_tokenizer Split must be an isolated regex split")
+        if steps[1].get("use_regex", True):
+            raise ValueError(f"{path}: ByteLevel after Split must have use_regex=false")
+        steps = steps[1:]
+    if len(steps) != 1 or steps[0].get("type") != "ByteLevel":
+        raise ValueError(f"{path}: pre_tokenizer {pre.get('type')!r} is not supported "
+                         "(expected ByteLevel, or Split then ByteLevel)")
+    if steps[0].get("add_prefix_space"):
+        raise ValueError(f"{path}: pre_tokenizer ByteLevel add_prefix_space=true is not supported")
+
+    char_to_byte = {c: b for b, c in byte_level_alphabet().items()}
+    specials = {t["content"]: t["id"] for t in d.get("added_tokens", []) if t.get("special")}
+    plain_added = [t["content"] for t in d.get("added_tokens", [])
+                   if not t.get("special") and t["content"] not in model["vocab"]]
+    if plain_added:
+        raise ValueError(f"{path}: non-special added tokens {plain_added[:3]} are not supported")
+    ranks: dict[bytes, int] = {}
+    for token, i in model["vocab"].items():
+        if token in specials:
+            continue
+        try:
+            ranks[bytes(char_to_byte[c] for c in token)] = i
+        except KeyError:
+            raise ValueError(f"{path}: token {token!r} is not byte-level encoded") from None
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} single-byte tokens are missing (e.g. byte {missing[0]})")
+    last = -1
+    for merge in model.get("merges", []):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank = model["vocab"].get(a + b)
+        if rank is None or rank <= last:
+            raise ValueError(f"{path}: merge {a!r} + {b!r} does not produce a token with a larger id "
+                             "than the previous merge; tiktoken needs ids in merge order")
+        last = rank
+    return Tokenizer(ranks, pattern, specials, name=path.parent.name or "hf")
+
+
+def load_hf_tokenizer(path: str | Path):
+    """The tokenizer of a Hugging Face folder (`tokenizer.json`, else a SentencePiece
+    `tokenizer.model`), or of one of those files directly."""
+    from .tokenizer import SentencePieceTokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return tokenizer_from_hf_json(path / "tokenizer.json")
+        if (path / "tokenizer.model").is_file():
+            return SentencePieceTokenizer.from_file(path / "tokenizer.model")
+        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer.from_file(path)
+    return tokenizer_from_hf_json(path)
+
+
+def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes] | None:
+    """The pair whose merge created `token`: BPE on its bytes with only lower-ranked tokens must
+    end in exactly two parts (tiktoken keeps no merge list, but the ranks imply it)."""
+    limit = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best = min(range(len(parts) - 1),
+                   key=lambda i: ranks.get(parts[i] + parts[i + 1], limit))
+        if ranks.get(parts[best] + parts[best + 1], limit) >= limit:
+            return None
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def tokenizer_to_hf_json(tok) -> dict:
+    """A `tokenizer.json` (Hugging Face `tokenizers`) equivalent to a minillm BPE `Tokenizer`.
+    `ignore_merges` makes a word that is itself a token map to it directly, as tiktoken does."""
+    to_char = byte_level_alphabet()
+
+    def text(b: bytes) -> str:
+        return "".join(to_char[x] for x in b)
+
+    merges = []
+    for token, _ in sorted(tok.mergeable_ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            pair = _merge_of(token, tok.mergeable_ranks)
+            if pair is None:
+                raise ValueError(f"token {token!r} cannot be built by merges; no tokenizer.json form")
+            merges.append([text(pair[0]), text(pair[1])])
+    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for s, i in sorted(tok.special_tokens.items(),
+                                                                     key=lambda kv: kv[1])]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": True,
+                  "vocab": {text(t): i for t, i in tok.mergeable_ranks.items()},
+                  "merges": merges},
+    }
+
+
+def save_hf_tokenizer(tok, folder: str | Path) -> None:
+    """Write `tok` into a Hugging Face folder: tokenizer.json for BPE, tokenizer.model for
+    SentencePiece, plus a tokenizer_config.json naming its end-of-text token."""
+    from .tokenizer import SentencePieceTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_max_length": 1_000_000}
+    if isinstance(tok, SentencePieceTokenizer):
+        (folder / "tokenizer.model").write_bytes(tok.model_proto)
+        config["tokenizer_class"] = "LlamaTokenizer"
+    else:
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_to_hf_json(tok)))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    try:
+        eot = tok.sp.id_to_piece(tok.eot_id) if isinstance(tok, SentencePieceTokenizer) else \
+            next(s for s, i in tok.special_tokens.items() if i == tok.eot_id)
+        config["eos_token"] = eot
+    except (KeyError, StopIteration):
+        pass
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

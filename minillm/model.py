@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, tokenizer_from_dict
 
 IGNORE_INDEX = -100
 
@@ -457,7 +457,7 @@ def load_model(path, device="cpu"):
     model = GPT(ModelConfig(**config)).to(device)
     model.load_state_dict(blob["model"])
     tok = blob.get("tokenizer")
-    return model, (Tokenizer.from_dict(tok, source=str(path)) if tok else None), blob.get("extra", {})
+    return model, (tokenizer_from_dict(tok, source=str(path)) if tok else None), blob.get("extra", {})
 
 
 __all__ = ["ModelConfig", "PRESETS", "preset", "Masks", "ModelOutput", "Norm", "Attention",

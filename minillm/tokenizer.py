@@ -103,11 +103,11 @@ class Tokenizer:
     # --- files ----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable description (also embedded in checkpoints)."""
+        """A JSON-serialisable description (also embedded in checkpoints). `ranks` lists the
+        tokens in rank order; `rank_ids` is present only when the ranks are not 0..n-1 (e.g. a
+        converted tokenizer with special tokens in the middle of its ids)."""
         by_rank = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
-        if any(rank != i for i, (_, rank) in enumerate(by_rank)):
-            raise ValueError("mergeable ranks must be 0..n-1 without gaps to be saved")
-        return {
+        d = {
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
             "name": self.name,
@@ -115,6 +115,9 @@ class Tokenizer:
             "special_tokens": self.special_tokens,
             "ranks": [base64.b64encode(token).decode("ascii") for token, _ in by_rank],
         }
+        if any(rank != i for i, (_, rank) in enumerate(by_rank)):
+            d["rank_ids"] = [rank for _, rank in by_rank]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "Tokenizer":
@@ -127,8 +130,11 @@ class Tokenizer:
         for field in ("pattern", "special_tokens", "ranks"):
             if field not in d:
                 raise ValueError(f"{source}: missing field {field!r}")
+        rank_ids = d.get("rank_ids", range(len(d["ranks"])))
+        if len(rank_ids) != len(d["ranks"]):
+            raise ValueError(f"{source}: fields 'ranks' and 'rank_ids' differ in length")
         try:
-            ranks = {base64.b64decode(s, validate=True): i for i, s in enumerate(d["ranks"])}
+            ranks = {base64.b64decode(s, validate=True): int(r) for s, r in zip(d["ranks"], rank_ids)}
         except (ValueError, TypeError) as e:
             raise ValueError(f"{source}: field 'ranks' must be a list of base64 strings ({e})") from None
         if len(ranks) != len(d["ranks"]):
@@ -295,3 +301,113 @@ def _merge_pair(a: int, b: int, new_id: int, word_ids: set[int], words: list[lis
         words[wi] = out
     pair_counts.pop((a, b), None)
     return created
+
+
+# --- SentencePiece, behind the same interface ---------------------------------------------------------
+
+SPM_FORMAT = "minillm.sentencepiece"
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model (e.g. LLaMA-2's `tokenizer.model`) with `Tokenizer`'s interface.
+
+    Needs the optional `sentencepiece` package. Control symbols (`<s>`, `</s>`, ...) are the special
+    tokens; as in `Tokenizer`, their strings in ordinary text are refused by `encode` unless
+    allowed, and `encode_ordinary` treats them as text. No BOS is added: callers decide."""
+
+    def __init__(self, model_proto: bytes, name: str = "sentencepiece"):
+        import sentencepiece
+
+        self.model_proto, self.name = model_proto, name
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        self.special_tokens = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
+                               if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        self._split = (regex.compile("(" + "|".join(regex.escape(t) for t in sorted(
+            self.special_tokens, key=len, reverse=True)) + ")") if self.special_tokens else None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def eot_id(self) -> int:
+        if self.sp.eos_id() < 0:
+            raise KeyError(f"SentencePiece model {self.name!r} has no end-of-sequence piece")
+        return self.sp.eos_id()
+
+    def encode(self, text: str, allowed_special: Iterable[str] | str = ()) -> list[int]:
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        if self._split is None:
+            return self.encode_ordinary(text)
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if part in self.special_tokens:
+                if part not in allowed:
+                    raise ValueError(f"text contains the special token {part!r}; pass "
+                                     "allowed_special to encode it as such")
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_ordinary_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.sp.id_to_piece(token_id)
+        if self.sp.is_byte(token_id):  # byte fallback pieces look like <0xAB>
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def to_dict(self) -> dict:
+        return {"format": SPM_FORMAT, "version": 1, "name": self.name,
+                "model": base64.b64encode(self.model_proto).decode("ascii")}
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
+        """A `tokenizer.model` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"SentencePiece model not found: {path}")
+        return cls(path.read_bytes(), name=path.stem)
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+def tokenizer_from_dict(d: dict, source: str = "<dict>"):
+    """A `Tokenizer` or `SentencePieceTokenizer` from its `to_dict` form."""
+    if isinstance(d, dict) and d.get("format") == SPM_FORMAT:
+        return SentencePieceTokenizer(base64.b64decode(d["model"]), name=d.get("name", "sentencepiece"))
+    return Tokenizer.from_dict(d, source)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Any tokenizer minillm reads: a file it wrote (`save`), or a Hugging Face model folder,
+    `tokenizer.json` or SentencePiece `tokenizer.model` (converted by `minillm.hf`)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".model":
+        from .hf import load_hf_tokenizer
+        return load_hf_tokenizer(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a tokenizer file (invalid JSON: {e})") from None
+    if isinstance(d, dict) and "format" not in d and "model" in d:  # a Hugging Face tokenizer.json
+        from .hf import tokenizer_from_hf_json
+        return tokenizer_from_hf_json(path)
+    return tokenizer_from_dict(d, source=str(path))

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from .data import MixtureLoader, TokenDataset, TokenLoader, eval_batches, parse_domains
 from .distributed import DistInfo
-from .model import GPT, ModelConfig, preset
-from .tokenizer import Tokenizer
+from .model import GPT, ModelConfig, load_model, preset
+from .tokenizer import load_tokenizer
 
 CHECKPOINT_FORMAT = "minillm.train"
 # Peak dense bf16 tensor-core FLOP/s (no sparsity), from NVIDIA's data sheets; matched against
@@ -52,6 +52,9 @@ class TrainConfig:
         "help": "dataset folders from prepare_data; several domains as NAME=PATH:WEIGHT"})
     out_dir: str = field(default="out/run", metadata={"help": "checkpoints and metrics.jsonl"})
     preset: str = field(default="tiny-gpt", metadata={"help": "model preset (minillm.model.PRESETS)"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from these weights instead of a preset: a minillm model / training "
+                "checkpoint, or a Hugging Face model folder (continued pretraining)"})
     n_layer: int | None = field(default=None, metadata={"help": "override the preset's depth"})
     n_head: int | None = field(default=None, metadata={"help": "override the preset's heads"})
     n_embd: int | None = field(default=None, metadata={"help": "override the preset's width"})
@@ -153,12 +156,15 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.device = dist.device
         self._build_data()
-        if model_config is None:
-            sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
-            model_config = preset(cfg.preset, vocab_size=self.tokenizer.vocab_size,
-                                  block_size=cfg.block_size, dropout=cfg.dropout, **sizes)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = GPT(model_config).to(self.device)
+        if cfg.init_from:
+            self.model = self._load_initial_model(cfg.init_from).float().to(self.device)
+        else:
+            if model_config is None:
+                sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
+                model_config = preset(cfg.preset, vocab_size=self.tokenizer.vocab_size,
+                                      block_size=cfg.block_size, dropout=cfg.dropout, **sizes)
+            self.model = GPT(model_config).to(self.device)
         self.model.activation_checkpointing = cfg.activation_checkpointing
         if cfg.fsdp:
             # Shard every block, then the root (embeddings, final norm, head): each block's
@@ -181,13 +187,29 @@ class Trainer:
                          else contextlib.nullcontext())
         self.peak_flops = peak_flops(self.device)
 
+    def _load_initial_model(self, source: str) -> GPT:
+        """Weights to continue from; the data must have been tokenized with the model's tokenizer."""
+        if Path(source).is_dir():
+            from .hf import load_hf
+            model = load_hf(source)
+        else:
+            model = load_model(source)[0]
+        if self.tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the data's tokenizer has {self.tokenizer.vocab_size} ids but "
+                             f"{source} has {model.config.vocab_size} embeddings: prepare the data "
+                             "with the model's tokenizer (prepare_data.py --tokenizer)")
+        if self.cfg.block_size > model.config.block_size and model.config.position == "learned":
+            raise ValueError(f"--block-size {self.cfg.block_size} exceeds the {model.config.block_size} "
+                             f"positions of {source}")
+        return model.train()
+
     def _build_data(self) -> None:
         cfg, dist = self.cfg, self.dist
         domains = parse_domains(cfg.data)
         self.tokenizer = None
         loaders, weights, self.val = {}, {}, {}
         for name, (path, weight) in domains.items():
-            tok = Tokenizer.load(Path(path) / "tokenizer.json")
+            tok = load_tokenizer(Path(path) / "tokenizer.json")
             if self.tokenizer is None:
                 self.tokenizer, first = tok, path
             elif tok.to_dict() != self.tokenizer.to_dict():

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm.cli import parse_config  # noqa: E402
 from minillm.corpus import read_documents  # noqa: E402
 from minillm.data import prepare  # noqa: E402
-from minillm.tokenizer import EOT, PATTERNS, Tokenizer, train_bpe  # noqa: E402
+from minillm.tokenizer import EOT, PATTERNS, load_tokenizer, train_bpe  # noqa: E402
 
 
 @dataclass
@@ -28,7 +28,9 @@ class PrepareConfig:
                             metadata={"help": "text / JSONL files or folders, or 'default'"})
     text_field: str = field(default="text", metadata={"help": "JSONL field holding the text"})
     out: str = field(default="data/default", metadata={"help": "output folder"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer file; none: train one"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "minillm tokenizer file or Hugging Face folder / tokenizer.json / tokenizer.model; "
+                "none: train one"})
     vocab_size: int = field(default=4096, metadata={"help": "vocab of the tokenizer trained here"})
     pattern: str = field(default="gpt4", metadata={"help": "split pattern of that tokenizer"})
     val_fraction: float = field(default=0.01, metadata={"help": "share of documents held out"})
@@ -48,7 +50,7 @@ def main():
             return
     t0 = time.perf_counter()
     if cfg.tokenizer:
-        tok = Tokenizer.load(cfg.tokenizer)
+        tok = load_tokenizer(cfg.tokenizer)
     else:
         if cfg.pattern not in PATTERNS:
             raise SystemExit(f"--pattern must be one of {sorted(PATTERNS)}, got {cfg.pattern!r}")

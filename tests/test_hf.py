@@ -172,3 +172,170 @@ def test_loading_holds_the_weights_once(tmp_path):
     added, weights = map(int, out.stdout.split())
     assert weights > 0.99 * size
     assert added < 1.5 * size, f"loading {size / 1e6:.0f} MB raised peak RSS by {added / 1e6:.0f} MB"
+
+
+# --- tokenizers --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def docs():
+    from minillm.corpus import stdlib_docstrings
+    return list(stdlib_docstrings(max_files=30))
+
+
+PROBES = ["héllo wörld  ünïcode 日本語 🎉", "  leading spaces", "a\n\nb\r\n c\t\td", "x", "",
+          "numbers 1234567 and 3.14", "it's we'll they're", "<|endoftext|> as text"]
+
+
+def test_byte_level_tokenizer_json_ids_equal_transformers(tmp_path, docs):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from minillm.hf import load_hf_tokenizer
+
+    for split in (None, r"\p{N}{1,3}| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+"):  # GPT-2 style, Llama-3 style
+        hf = HFTokenizer(models.BPE())
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+        hf.pre_tokenizer = byte_level if split is None else pre_tokenizers.Sequence([
+            pre_tokenizers.Split(pattern=__import__("tokenizers").Regex(split), behavior="isolated"),
+            byte_level])
+        hf.decoder = decoders.ByteLevel()
+        hf.train_from_iterator(docs, trainers.BpeTrainer(
+            vocab_size=600, special_tokens=["<|endoftext|>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        hf.save(str(tmp_path / "tokenizer.json"))
+        ours = load_hf_tokenizer(tmp_path)
+        ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+        for text in docs[:150] + PROBES:
+            # transformers matches special-token strings in any text: compare with them allowed
+            ids = ours.encode(text, allowed_special="all")
+            assert ids == ref.encode(text, add_special_tokens=False), text[:60]
+            assert ours.decode(ours.encode_ordinary(text)) == text
+        assert ours.special_tokens == {"<|endoftext|>": 0}
+        assert ours.encode("<|endoftext|>", allowed_special="all") == [0]
+
+
+def test_sentencepiece_ids_equal_transformers_and_sentencepiece(tmp_path, docs):
+    import io
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    from minillm.hf import load_hf_tokenizer
+    from minillm.tokenizer import load_tokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(  # LLaMA-2's settings: identity normalisation, byte fallback
+        sentence_iterator=iter(docs), model_writer=model, vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    ours = load_hf_tokenizer(tmp_path)
+    ref = LlamaTokenizer.from_pretrained(tmp_path)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    for text in docs[:150] + PROBES:
+        ids = ours.encode_ordinary(text)
+        assert ids == sp.encode(text)
+        # transformers' converted Llama tokenizer treats leading whitespace differently from
+        # SentencePiece itself (its "legacy" handling); minillm follows SentencePiece.
+        if not text[:1].isspace():
+            assert ids == ref.encode(text, add_special_tokens=False), text[:60]
+        assert ours.decode(ids) == sp.decode(ids)
+    assert ours.eot_id == 2 and ours.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2}
+    with pytest.raises(ValueError, match="special token '</s>'"):
+        ours.encode("end</s>")
+    assert ours.encode("end</s>", allowed_special="all")[-1] == 2
+    ours.save(tmp_path / "spm.json")  # the same file / checkpoint route as BPE tokenizers
+    assert load_tokenizer(tmp_path / "spm.json").encode_ordinary(docs[0]) == ours.encode_ordinary(docs[0])
+
+
+def test_unsupported_tokenizer_json_is_refused(tmp_path):
+    from minillm.hf import load_hf_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
+    with pytest.raises(ValueError, match="model type 'WordPiece'"):
+        load_hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+        load_hf_tokenizer(tmp_path)
+
+
+def test_written_safetensors_load_in_the_safetensors_package(tmp_path):
+    from safetensors.torch import load_file
+
+    from minillm.safetensors_io import iter_tensors, save_file
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(4).to(torch.bfloat16),
+               "c": torch.arange(6, dtype=torch.int64).view(2, 3), "empty": torch.zeros(0, 2),
+               "flag": torch.tensor([True, False])}
+    save_file(tensors, tmp_path / "t.safetensors")
+    theirs = load_file(tmp_path / "t.safetensors")
+    ours = dict(iter_tensors(tmp_path / "t.safetensors"))
+    for name, t in tensors.items():
+        assert torch.equal(theirs[name], t) and torch.equal(ours[name], t)
+
+
+def test_minillm_tokenizer_exports_to_tokenizer_json_with_equal_ids(tmp_path, docs):
+    from transformers import PreTrainedTokenizerFast
+
+    from minillm.hf import load_hf_tokenizer, save_hf_tokenizer
+    from minillm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, train_bpe
+
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        tok = train_bpe(docs, vocab_size=700, pattern=pattern)
+        save_hf_tokenizer(tok, tmp_path)
+        ref = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+        for text in docs[:150] + PROBES:
+            assert ref.encode(text, add_special_tokens=False) == tok.encode(text, allowed_special="all"), text[:60]
+        back = load_hf_tokenizer(tmp_path)
+        assert back.mergeable_ranks == tok.mergeable_ranks and back.special_tokens == tok.special_tokens
+
+
+def test_convert_script_round_trip(tmp_path, docs):
+    import importlib.util
+
+    from minillm.model import load_model, save_model
+    from minillm.tokenizer import train_bpe
+
+    spec = importlib.util.spec_from_file_location("convert", Path(__file__).parents[1] / "scripts" / "convert.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    tok = train_bpe(docs, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**MINILLM_CASES["llama-gqa"], "vocab_size": tok.vocab_size})).eval()
+    save_model(tmp_path / "m.pt", model, tok)
+    convert.main(["--source", str(tmp_path / "m.pt"), "--dest", str(tmp_path / "hf")])
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    convert.main(["--source", str(tmp_path / "hf"), "--dest", str(tmp_path / "back.pt")])
+    back, back_tok, _ = load_model(tmp_path / "back.pt")
+    x = torch.randint(0, tok.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x).logits, model(x).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(back(x).logits, model(x).logits)
+    assert back_tok.mergeable_ranks == tok.mergeable_ranks
+
+
+def test_continued_pretraining_from_a_hf_folder(tmp_path, docs):
+    from minillm.data import MixtureLoader, TokenDataset, TokenLoader, prepare
+    from minillm.distributed import DistInfo
+    from minillm.hf import save_hf_tokenizer
+    from minillm.tokenizer import load_tokenizer, train_bpe
+    from minillm.train import TrainConfig, Trainer
+
+    tok = train_bpe(docs, vocab_size=300)
+    ref = hf_model("llama", dict(LLAMA_CASES["mha"]))
+    ref.resize_token_embeddings(tok.vocab_size)
+    ref.save_pretrained(tmp_path / "hf")
+    save_hf_tokenizer(tok, tmp_path / "hf")
+    prepare(docs, load_tokenizer(tmp_path / "hf"), tmp_path / "data", val_fraction=0.1, progress=False)
+    cfg = TrainConfig(data=[str(tmp_path / "data")], out_dir=str(tmp_path / "run"),
+                      init_from=str(tmp_path / "hf"), block_size=32, batch_size=4, max_steps=3,
+                      warmup_steps=1, eval_interval=0, ckpt_interval=3, progress=False)
+    history = Trainer(cfg, DistInfo()).train()
+    loader = MixtureLoader({"data": TokenLoader(TokenDataset(tmp_path / "data"), 32, 4, seed=0,
+                                                rank=0, world_size=1)}, {"data": 1}, batch_size=4)
+    x, y, _ = loader.next_batch()
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(ref(x).logits.view(-1, tok.vocab_size), y.view(-1))
+    assert history[0]["loss"] == pytest.approx(expected.item(), abs=1e-5)
