@@ -171,7 +171,7 @@ def test_loading_holds_the_weights_once(tmp_path):
     assert out.returncode == 0, out.stderr
     added, weights = map(int, out.stdout.split())
     assert weights > 0.99 * size
-    assert added < 1.5 * size, f"loading {size / 1e6:.0f} MB raised peak RSS by {added / 1e6:.0f} MB"
+    assert added < 1.5 * size, f"loading {size / 1e6:.0f} MB raised peak memory by {added / 1e6:.0f} MB"
 
 
 # --- tokenizers --------------------------------------------------------------------------------------
