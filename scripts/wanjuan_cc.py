@@ -1,0 +1,35 @@
+"""Run the WanJuan-CC data pipeline on WARC / JSONL files or folders and print its report.
+
+    python scripts/make_example_warc.py --html /usr/share/doc/python3.11-doc/html --out data/example.warc.gz
+    python scripts/wanjuan_cc.py --inputs data/example.warc.gz --out-dir out/wanjuan_cc --workers 2
+    python scripts/wanjuan_cc.py --inputs crawl/ --out-dir out/cc --tokenizer out/tokenizer.json
+
+Outputs in --out-dir: final/*.jsonl.gz (records with their scores), tokens/ (token shards, with
+--tokenizer), report.json. Rerunning skips finished shards. On a cluster, start one process per rank
+(torchrun, or a Slurm array: RANK / WORLD_SIZE or SLURM_ARRAY_TASK_ID / _COUNT are read) with the
+same flags and a shared --out-dir; the stages wait for each other through files.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minillm.cli import parse_config  # noqa: E402
+from minillm.wanjuan_cc import PipelineConfig, format_report, run  # noqa: E402
+
+
+def main(argv=None):
+    cfg = parse_config(PipelineConfig, argv, description=__doc__)
+    if not cfg.inputs:
+        sys.exit("--inputs is required (WARC / JSONL files or folders)")
+    report = run(cfg)
+    if report:
+        print(format_report(report))
+        print(f"report: {Path(cfg.out_dir) / 'report.json'}")
+    else:
+        print("this rank's share is done; the report is written when every shard is finished")
+    return report
+
+
+if __name__ == "__main__":
+    main()
