@@ -1,6 +1,7 @@
 """MinHash signatures, LSH banding and union-find (WanJuan-CC stage 5, fuzzy deduplication).
 
-A document's shingles are its word 5-grams (lower-cased alphanumeric words). MinHash estimates the
+A document's shingles are its word 5-grams (lower-cased runs of ASCII letters and digits or
+non-ASCII characters; `exact_jaccard` uses the same words). MinHash estimates the
 Jaccard similarity of two shingle sets as the share of equal entries in their signatures: entry p is
 the minimum over shingles of a random hash h_p. All of it is vectorised over a batch of documents:
 
@@ -24,7 +25,11 @@ import re
 
 import numpy as np
 
-_WORDS = re.compile(r"[^\W_]+")
+_WORD_RUN = re.compile(rb"[a-zA-Z0-9\x80-\xfe]+")
+# bytes that belong to words: ASCII letters and digits, and every non-ASCII byte except 0xFF
+_WORD_BYTE = np.zeros(256, dtype=bool)
+_WORD_BYTE[[*range(ord("a"), ord("z") + 1), *range(ord("A"), ord("Z") + 1), *range(ord("0"), ord("9") + 1),
+            *range(0x80, 0xFF)]] = True
 _P = np.uint64(0x100000001B3)  # odd multiplier for the byte-level polynomial hash
 _Q = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier combining word hashes into n-gram hashes
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
@@ -64,21 +69,30 @@ class MinHasher:
         self.a = (rng.integers(0, 2**32, num_perm, dtype=np.uint64) | 1).astype(np.uint32)[:, None]
         self.b = rng.integers(0, 2**32, num_perm, dtype=np.uint64).astype(np.uint32)[:, None]
         self._q_powers = _powers(_Q, ngram)
+        self._pow = self._inv = np.zeros(0, dtype=np.uint64)
+
+    def _power_tables(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """P^i and P^-i for i < n (mod 2^64), cached across batches."""
+        if len(self._pow) < n:
+            size = max(n, 2 * len(self._pow))
+            self._pow, self._inv = _powers(_P, size), _powers(_P_INV, size)
+        return self._pow, self._inv
 
     def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(uint32 shingle hashes of all documents, start offset of each document's run)."""
-        docs = [" ".join(_WORDS.findall(t.lower())) for t in texts]
-        buf = np.frombuffer("\n".join(docs).encode("utf-8") + b"\n", dtype=np.uint8)
-        # a word is a maximal run of bytes that are neither ' ' nor '\n'
-        is_sep = ((buf == 0x20) | (buf == 0x0A)).astype(np.int8)
-        edges = np.flatnonzero(np.diff(np.concatenate([[1], is_sep, [1]])))
+        # One byte string for the batch; 0xFF (never part of UTF-8) separates documents. Words are
+        # runs of ASCII letters / digits or non-ASCII bytes (so "café" is one word).
+        buf = np.frombuffer(b"\xff".join(t.lower().encode("utf-8", "replace") for t in texts) + b"\xff",
+                            dtype=np.uint8)
+        in_word = _WORD_BYTE[buf].astype(np.int8)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], in_word, [0]])))
         starts, ends = edges[0::2], edges[1::2]
+        powers, inverse = self._power_tables(len(buf) + 1)
         with np.errstate(over="ignore"):
-            powers = _powers(_P, len(buf) + 1)
             prefix = np.concatenate([[np.uint64(0)],
-                                     np.cumsum(buf.astype(np.uint64) * powers[:-1], dtype=np.uint64)])
-            word_h = (prefix[ends] - prefix[starts]) * _powers(_P_INV, len(buf) + 1)[starts]
-        doc_of_word = np.searchsorted(np.flatnonzero(buf == 0x0A), starts)
+                                     np.cumsum(buf.astype(np.uint64) * powers[:len(buf)], dtype=np.uint64)])
+            word_h = (prefix[ends] - prefix[starts]) * inverse[starts]
+        doc_of_word = np.searchsorted(np.flatnonzero(buf == 0xFF), starts)
         words_per_doc = np.bincount(doc_of_word, minlength=len(texts))
         first_word = np.concatenate([[0], np.cumsum(words_per_doc)[:-1]]).astype(np.int64)
         n = self.ngram
@@ -126,10 +140,15 @@ def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
     return (sig_a == sig_b).mean(axis=-1)
 
 
+def words(text: str) -> list[bytes]:
+    """The words shingles are made of (as in `MinHasher.shingle_hashes`)."""
+    return _WORD_RUN.findall(text.lower().encode("utf-8", "replace"))
+
+
 def exact_jaccard(text_a: str, text_b: str, ngram: int = 5) -> float:
     """Jaccard similarity of the word n-gram sets (the quantity MinHash estimates)."""
     def grams(t):
-        w = _WORDS.findall(t.lower())
+        w = words(t)
         return {tuple(w[i:i + ngram]) for i in range(len(w) - ngram + 1)} or {tuple(w)}
     a, b = grams(text_a), grams(text_b)
     return len(a & b) / len(a | b)
