@@ -144,22 +144,12 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer to one JSON file, atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)
+        _write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         """Read a file written by `save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a minillm tokenizer file (invalid JSON: {e})") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(_read_json(path), source=str(path))
 
     @classmethod
     def from_tiktoken(cls, name: str) -> "Tokenizer":
@@ -186,6 +176,23 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
                 f"special_tokens={sorted(self.special_tokens)})")
+
+
+def _write_json(path: str | os.PathLike, d: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(d))
+    os.replace(tmp, path)
+
+
+def _read_json(path: str | os.PathLike):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a minillm tokenizer file (invalid JSON: {e})") from None
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -370,10 +377,7 @@ class SentencePieceTokenizer:
                 "model": base64.b64encode(self.model_proto).decode("ascii")}
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)
+        _write_json(path, self.to_dict())
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
@@ -401,12 +405,7 @@ def load_tokenizer(path: str | os.PathLike):
     if path.is_dir() or path.suffix == ".model":
         from .hf import load_hf_tokenizer
         return load_hf_tokenizer(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a tokenizer file (invalid JSON: {e})") from None
+    d = _read_json(path)
     if isinstance(d, dict) and "format" not in d and "model" in d:  # a Hugging Face tokenizer.json
         from .hf import tokenizer_from_hf_json
         return tokenizer_from_hf_json(path)

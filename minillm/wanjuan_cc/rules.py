@@ -96,35 +96,33 @@ def lorem_ipsum(text: str) -> str | None:
     return "lorem_ipsum" if LOREM.search(text) else None
 
 
+def _repeats(items: list[str]) -> tuple[float, float]:
+    """Share of items that repeat an earlier one, and their share of the characters."""
+    seen, dups, dup_chars = set(), 0, 0
+    for item in items:
+        if item in seen:
+            dups += 1
+            dup_chars += len(item)
+        seen.add(item)
+    return dups / len(items), dup_chars / max(sum(len(i) for i in items), 1)
+
+
 def duplicate_lines(text: str, max_line_share: float = 0.3, max_char_share: float = 0.2) -> str | None:
     """Lines that repeat an earlier line: their share of lines and of characters (Gopher)."""
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     if not lines:
         return None
-    seen, dup_lines, dup_chars = set(), 0, 0
-    for line in lines:
-        if line in seen:
-            dup_lines += 1
-            dup_chars += len(line)
-        seen.add(line)
-    total_chars = sum(len(line) for line in lines)
-    if dup_lines / len(lines) > max_line_share or dup_chars / total_chars > max_char_share:
-        return "duplicate_lines"
-    return None
+    share, chars = _repeats(lines)
+    return "duplicate_lines" if share > max_line_share or chars > max_char_share else None
 
 
 def duplicate_paragraphs(text: str, max_share: float = 0.3, max_char_share: float = 0.2) -> str | None:
+    """The same for paragraphs (blocks separated by blank lines)."""
     paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     if len(paras) < 2:
         return None
-    seen, dups, dup_chars = set(), 0, 0
-    for p in paras:
-        if p in seen:
-            dups += 1
-            dup_chars += len(p)
-        seen.add(p)
-    total = sum(len(p) for p in paras)
-    return "duplicate_paragraphs" if dups / len(paras) > max_share or dup_chars / total > max_char_share else None
+    share, chars = _repeats(paras)
+    return "duplicate_paragraphs" if share > max_share or chars > max_char_share else None
 
 
 TOP_NGRAM_MAX = {2: 0.20, 3: 0.18, 4: 0.16}
