@@ -50,5 +50,8 @@ def setup(device: str = "auto") -> DistInfo:
 
 
 def cleanup() -> None:
+    """Wait for every rank, then tear the process group down (a rank that leaves while another is
+    still talking to it can abort the other's communication threads)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -144,10 +144,12 @@ class Trainer:
 
     `self.model` is the plain `GPT` (sharded in place under FSDP2); `self.wrapped` is what the loop
     calls (DDP and / or torch.compile around it). `self.loader` is a `MixtureLoader` over the
-    domains of `cfg.data` (one domain is a mixture of one); callbacks may change its weights."""
+    domains of `cfg.data` (one domain is a mixture of one); callbacks may change its weights.
+    `model_transform` (GPT -> GPT) runs on the fresh model before the optimizer is built: methods
+    use it to swap modules, e.g. dense FFNs for MoE layers."""
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo, callbacks: list | None = None,
-                 model_config: ModelConfig | None = None):
+                 model_config: ModelConfig | None = None, model_transform=None):
         self.cfg, self.dist, self.callbacks = cfg, dist, list(callbacks or [])
         if cfg.grad_accum % dist.world_size:
             raise ValueError(f"grad_accum {cfg.grad_accum} must be a multiple of the number of "
@@ -165,6 +167,8 @@ class Trainer:
                 model_config = preset(cfg.preset, vocab_size=self.tokenizer.vocab_size,
                                       block_size=cfg.block_size, dropout=cfg.dropout, **sizes)
             self.model = GPT(model_config).to(self.device)
+        if model_transform is not None:  # e.g. replace FFNs by MoE layers, before the optimizer
+            self.model = model_transform(self.model).to(self.device)
         self.model.activation_checkpointing = cfg.activation_checkpointing
         if cfg.fsdp:
             # Shard every block, then the root (embeddings, final norm, head): each block's

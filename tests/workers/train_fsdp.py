@@ -31,4 +31,5 @@ assert resumed.step == 2
 second = logits(resumed)
 if dist.is_main:
     torch.save({"trained": first, "resumed": second}, f"{out}/logits.pt")
+del trained, resumed
 distributed.cleanup()
