@@ -294,13 +294,13 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTd, rope, attn_mask, kv_cache, masks: Masks | None):
-        l = self.layer
-        head = masks.head[l] if masks is not None and masks.head is not None else None
-        unit = masks.ffn[l] if masks is not None and masks.ffn is not None else None
+        i = self.layer
+        head = masks.head[i] if masks is not None and masks.head is not None else None
+        unit = masks.ffn[i] if masks is not None and masks.ffn is not None else None
         hidden = masks.hidden if masks is not None else None
-        layer = masks.layer[l] if masks is not None and masks.layer is not None else None
+        layer = masks.layer[i] if masks is not None and masks.layer is not None else None
 
-        a = self.attn(self.norm1(x_BTd, hidden), rope, attn_mask, kv_cache, l, head)
+        a = self.attn(self.norm1(x_BTd, hidden), rope, attn_mask, kv_cache, i, head)
         x_BTd = x_BTd + self.dropout(self._scale(a, layer, hidden))
         h = self.norm2(x_BTd, hidden)
         out = self.ffn(h, unit) if unit is not None else self.ffn(h)

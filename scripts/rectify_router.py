@@ -23,6 +23,7 @@ from minillm.rectify_router import FillInRectification, IntraGPURectification  #
 from minillm.tokenizer import train_bpe  # noqa: E402
 from minillm.train import TrainConfig, Trainer  # noqa: E402
 
+
 @dataclass
 class RectifyConfig:
     data_dir: str = field(default="data/rectify", metadata={"help": "prepared here if missing"})
@@ -36,6 +37,7 @@ class RectifyConfig:
     num_devices: int = 2
     dropped_when: str = field(default="all", metadata={"help": "all, any or all_but_one"})
     seed: int = 0
+
 
 class RoutingStats:
     """Averages the MoE layers' routing statistics over the last `window` training steps."""
@@ -51,6 +53,7 @@ class RoutingStats:
 
     def mean(self):
         return [sum(col) / len(col) for col in zip(*self.rows)]
+
 
 def main():
     cfg = parse_config(RectifyConfig, description=__doc__)
@@ -89,6 +92,7 @@ def main():
     for name, val, dropped, dropped_tokens, padding in results:
         print(f"{name:<22}{val:>10.4f}{dropped:>17.3f}{dropped_tokens:>16.3f}{padding:>9.3f}")
     distributed.cleanup()
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,6 @@
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from minillm.data import ShardWriter, TokenDataset

@@ -15,7 +15,7 @@ def test_quickstart_tiny_runs_end_to_end(tmp_path, capsys):
                      "--data-dir", str(tmp_path / "data")])
     printed = capsys.readouterr().out
     assert "samples before training" in printed and "samples after training" in printed
-    records = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0]
     assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
