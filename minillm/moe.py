@@ -240,6 +240,16 @@ def routing_stats(plan: RoutingPlan, num_tokens: int) -> dict[str, torch.Tensor]
             "padding_fraction": 1 - per_expert.sum().float() / (plan.num_experts * plan.capacity)}
 
 
+def _dispatch_combine(x_Td: torch.Tensor, plan: RoutingPlan):
+    """The CUDA kernels (minillm/moe_kernels.py) on a GPU with CuPy, else the reference."""
+    if x_Td.is_cuda:
+        from . import moe_kernels
+        if moe_kernels.available() and x_Td.dtype in (torch.float32, torch.bfloat16):
+            return moe_kernels.dispatch_combine_fns(plan, x_Td.shape[0])
+        moe_kernels.log_fallback()
+    return (lambda x: dispatch(x, plan)), (lambda out: combine(out, plan, x_Td.shape[0]))
+
+
 def outside_output(x_Td: torch.Tensor, plan: RoutingPlan, experts: "Experts") -> torch.Tensor:
     """Weighted outputs of the entries computed outside the buffer (slot -2), summed per token:
     a second, dropless dispatch of just those entries through the same experts."""
@@ -285,8 +295,9 @@ class MoE(nn.Module):
         if not dropless:
             for transform in self.plan_transforms:
                 plan = transform(plan)
-        out_ECd = self.experts(dispatch(x_Td, plan))
-        y_Td = combine(out_ECd, plan, B * T) + outside_output(x_Td, plan, self.experts)
+        dispatch_fn, combine_fn = _dispatch_combine(x_Td, plan)
+        out_ECd = self.experts(dispatch_fn(x_Td))
+        y_Td = combine_fn(out_ECd) + outside_output(x_Td, plan, self.experts)
         if self.output_bias is not None:
             y_Td = y_Td + self.output_bias
         self.stats = {k: v.detach() for k, v in routing_stats(plan, B * T).items()}
