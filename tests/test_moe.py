@@ -221,3 +221,13 @@ def test_rectification_changes_nothing_without_overflow_or_padding():
         new = transform(plan)
         assert torch.equal(new.token, plan.token) and torch.equal(new.slot, plan.slot)
         assert torch.equal(new.weight, plan.weight)
+
+
+@pytest.mark.slow
+def test_expert_parallel_equals_single_process(tmp_path):
+    from pathlib import Path
+
+    from tests.distributed import torchrun
+
+    out = torchrun(Path(__file__).parent / "workers" / "expert_parallel.py", str(tmp_path), timeout=180)
+    assert "OK" in out
