@@ -16,7 +16,8 @@ plan transforms (see minillm/moe.py) rectify this:
   filled-in token adds that expert's output with weight p (divided by the sum of the token's top-k
   probabilities when the router renormalises, so that it is on the scale of its other weights).
   `variant="top_k_plus_one"` is the public code's form: only each token's (k+1)-th choice may fill
-  an empty slot, highest score first.
+  an empty slot, highest score first. The selection is one `torch.topk` over tokens for all
+  experts at once; it has no hand-written kernel (topk is already a single GPU kernel).
 
 Applied together, Intra-GPU first, then Fill-in: `MoE(d, cfg, plan_transforms=[intra, fill])`.
 When no expert overflows and none pads, both transforms leave the plan unchanged.
@@ -99,16 +100,14 @@ class FillInRectification:
             only = torch.full_like(score_TE, -1.0)
             only[torch.arange(T), nxt] = score_TE[torch.arange(T), nxt]
             score_TE = only
-        tokens, experts = [], []
-        for e in torch.nonzero(empty_E > 0).squeeze(-1).tolist():
-            n = int(empty_E[e])
-            cand = torch.argsort(score_TE[:, e], descending=True, stable=True)[:n]
-            cand = cand[score_TE[cand, e] >= 0]
-            tokens.append(cand)
-            experts.append(torch.full_like(cand, e))
-        if not tokens:
+        # one top-n over tokens for all experts at once (n = the most empty slots of any expert)
+        n = min(int(empty_E.max()), T)  # host sync: the selection's size
+        top_score_nE, top_token_nE = score_TE.topk(n, dim=0)
+        take_nE = (torch.arange(n, device=used_E.device)[:, None] < empty_E[None, :]) & (top_score_nE >= 0)
+        token_M = top_token_nE.t()[take_nE.t()]  # expert-major, best candidates first
+        expert_M = torch.arange(E, device=used_E.device)[:, None].expand(E, n)[take_nE.t()]
+        if not len(token_M):
             return plan
-        token_M, expert_M = torch.cat(tokens), torch.cat(experts)
         # slots: after the expert's used slots, in candidate order
         slot_M = assign_slots(expert_M, torch.arange(len(token_M), device=token_M.device), E, C)
         slot_M = torch.where(slot_M >= 0, slot_M + used_E[expert_M], torch.full_like(slot_M, DROPPED))

@@ -25,8 +25,10 @@ def gpu_plan(T, E, k, cf, seed=0, priority="score"):
     return plan_from_probs(logits.softmax(-1), logits, cfg)
 
 
-CASES = [  # (T, E, k, cf): random; an expert that receives nothing; all to one; C < k; E = 1
-    (1000, 8, 2, 1.25), (777, 16, 2, 1.0), (64, 4, 1, 0.25), (33, 1, 1, 1.0), (513, 64, 2, 0.1),
+CASES = [  # (T, E, k, cf): random; uneven T; every token to one expert (E = 4 below); capacity 1
+    # smaller than k = 2; E = 1; many experts, some receiving nothing
+    (1000, 8, 2, 1.25), (777, 16, 2, 1.0), (64, 4, 1, 0.25), (16, 8, 2, 0.25), (33, 1, 1, 1.0),
+    (513, 64, 2, 0.1),
 ]
 
 
@@ -66,3 +68,21 @@ def test_kernels_equal_reference(T, E, k, cf, dtype, d):
     (y_ref * g).sum().backward()
     torch.testing.assert_close(gx, x_ref.grad, **tol)
     torch.testing.assert_close(gw, w.grad, **tol)
+
+
+@pytest.mark.gpu
+def test_rectified_moe_on_gpu_equals_cpu():
+    from minillm.moe import MoE
+    from minillm.rectify_router import FillInRectification, IntraGPURectification
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, top_k=2, expert_hidden=32, capacity_factor=1.0, min_capacity=1)
+    cpu = MoE(64, cfg, plan_transforms=[IntraGPURectification(4), FillInRectification()])
+    with torch.no_grad():
+        cpu.router.gate.weight[0] += 1.0  # overflow expert 0, pad the others
+    gpu = MoE(64, cfg, plan_transforms=cpu.plan_transforms).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(2, 100, 64)
+    y_cpu, _ = cpu(x)
+    y_gpu, _ = gpu(x.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
