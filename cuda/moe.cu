@@ -9,12 +9,12 @@
 //    expert scans all entries in order with a block-wide prefix sum of "is mine": deterministic,
 //    no atomics, O(E * N) reads (a few microseconds at N = 131,072, E = 64). Also writes the
 //    inverse map row -> token (-1 for padding) that dispatch reads.
-// 2. moe_dispatch: one block per buffer row copies its token's d values (16-byte vectors) or
-//    writes zeros for padding. Backward of combine w.r.t. the expert outputs is the same kernel
+// 2. moe_dispatch: one block per buffer row copies its token's d values (16-byte vectors when
+//    aligned) or writes zeros for padding. Backward of combine w.r.t. the expert outputs is the same kernel
 //    with a weight per row.
-// 3. moe_combine: one block per output token sums its entries' rows times their weights, reading
-//    the entries through a CSR index (entries sorted by token, offsets per token): deterministic,
-//    no atomics. Backward of dispatch w.r.t. the tokens is the same kernel with weights 1.
+// 3. moe_combine: one block per output token sums its entries' rows times their weights (16-byte
+//    vector loads, fp32 accumulation), reading the entries through a CSR index (entries sorted by
+//    token, offsets per token): deterministic, no atomics. Backward of dispatch w.r.t. the tokens is the same kernel with weights 1.
 // 4. moe_weight_grad: one block per entry, the dot product of its expert output row and its token's
 //    output gradient (the gradient of the combine weight).
 
@@ -35,12 +35,13 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16(v);
 }
 
-// Copy (or scale) one row of d elements with 16-byte vectors when d allows it.
+// Copy (or scale) one row of d elements, with 16-byte vectors when the caller says the rows are
+// 16-byte aligned (`vec`: d is a multiple of the vector width and the base pointers are aligned).
 template <typename T>
 __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ src, int d,
-                                         float scale, bool scaled) {
+                                         float scale, bool scaled, bool vec) {
   constexpr int kVec = 16 / sizeof(T);
-  if (!scaled && d % kVec == 0) {
+  if (!scaled && vec) {
     const uint4* s = reinterpret_cast<const uint4*>(src);
     uint4* t = reinterpret_cast<uint4*>(dst);
     for (int i = threadIdx.x; i < d / kVec; i += blockDim.x) t[i] = s[i];
@@ -53,6 +54,40 @@ __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restric
 template <typename T>
 __device__ __forceinline__ void zero_row(T* __restrict__ dst, int d) {
   for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = from_float<T>(0.f);
+}
+
+// y_row = sum_j weight[j] * out[rows[j]], j in [begin, end): fp32 accumulation in entry order.
+template <typename T>
+__device__ __forceinline__ void combine_row(T* __restrict__ y_row, const T* __restrict__ out,
+                                            const long long* __restrict__ rows,
+                                            const float* __restrict__ weight, long long begin,
+                                            long long end, int d, bool vec) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (vec) {
+    for (int v = threadIdx.x; v < d / kVec; v += blockDim.x) {
+      float acc[kVec];
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) acc[u] = 0.f;
+      for (long long j = begin; j < end; ++j) {
+        const uint4 raw = reinterpret_cast<const uint4*>(out + rows[j] * d)[v];
+        const T* elems = reinterpret_cast<const T*>(&raw);
+        const float w = weight[j];
+#pragma unroll
+        for (int u = 0; u < kVec; ++u) acc[u] += w * to_float(elems[u]);
+      }
+      uint4 packed;
+      T* res = reinterpret_cast<T*>(&packed);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) res[u] = from_float<T>(acc[u]);
+      reinterpret_cast<uint4*>(y_row)[v] = packed;
+    }
+  } else {
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+      float acc = 0.f;
+      for (long long j = begin; j < end; ++j) acc += weight[j] * to_float(out[rows[j] * d + i]);
+      y_row[i] = from_float<T>(acc);
+    }
+  }
 }
 
 }  // namespace
@@ -103,13 +138,13 @@ __global__ void moe_slots(const long long* __restrict__ order, const long long* 
 #define MINILLM_DISPATCH(NAME, T)                                                                \
   __global__ void NAME(const T* __restrict__ x, const long long* __restrict__ row_token,         \
                        const float* __restrict__ row_scale, T* __restrict__ buf, int d,           \
-                       int scaled) {                                                             \
+                       int scaled, int vec) {                                                    \
     const long long r = blockIdx.x;                                                              \
     const long long t = row_token[r];                                                            \
     if (t < 0) {                                                                                 \
       zero_row<T>(buf + r * d, d);                                                               \
     } else {                                                                                     \
-      copy_row<T>(buf + r * d, x + t * d, d, scaled ? row_scale[r] : 1.f, scaled != 0);          \
+      copy_row<T>(buf + r * d, x + t * d, d, scaled ? row_scale[r] : 1.f, scaled != 0, vec != 0); \
     }                                                                                            \
   }
 MINILLM_DISPATCH(moe_dispatch_f32, float)
@@ -119,15 +154,9 @@ MINILLM_DISPATCH(moe_dispatch_bf16, __nv_bfloat16)
 #define MINILLM_COMBINE(NAME, T)                                                                 \
   __global__ void NAME(const T* __restrict__ out, const long long* __restrict__ rows,           \
                        const float* __restrict__ weight, const long long* __restrict__ offsets,  \
-                       T* __restrict__ y, int d) {                                               \
+                       T* __restrict__ y, int d, int vec) {                                      \
     const long long t = blockIdx.x;                                                              \
-    const long long begin = offsets[t], end = offsets[t + 1];                                    \
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {                                          \
-      float acc = 0.f;                                                                           \
-      for (long long j = begin; j < end; ++j)                                                    \
-        acc += weight[j] * to_float(out[rows[j] * d + i]);                                       \
-      y[t * d + i] = from_float<T>(acc);                                                         \
-    }                                                                                            \
+    combine_row<T>(y + t * d, out, rows, weight, offsets[t], offsets[t + 1], d, vec != 0);       \
   }
 MINILLM_COMBINE(moe_combine_f32, float)
 MINILLM_COMBINE(moe_combine_bf16, __nv_bfloat16)

@@ -73,6 +73,12 @@ def _stream():
     return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
 
 
+def _vectorizable(*tensors: torch.Tensor) -> bool:
+    """16-byte vector loads are safe: rows a multiple of 16 bytes, base pointers 16-byte aligned."""
+    row_bytes = tensors[0].shape[-1] * tensors[0].element_size()
+    return row_bytes % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
 def _suffix(t: torch.Tensor) -> str:
     if t.dtype == torch.float32:
         return "f32"
@@ -102,13 +108,15 @@ def _dispatch(x_Td: torch.Tensor, row_token: torch.Tensor, row_scale: torch.Tens
               rows: int) -> torch.Tensor:
     import numpy as np
 
+    x_Td = x_Td.contiguous()
     d = x_Td.shape[-1]
     buf = torch.empty(rows, d, dtype=x_Td.dtype, device=x_Td.device)
     scale = row_scale if row_scale is not None else torch.empty(1, device=x_Td.device)
     with _stream():
-        _kernel(f"moe_dispatch_{_suffix(x_Td)}")((rows,), (THREADS,),
-                                                  (_cp(x_Td), _cp(row_token), _cp(scale.float()),
-                                                   _cp(buf), np.int32(d), np.int32(row_scale is not None)))
+        _kernel(f"moe_dispatch_{_suffix(x_Td)}")(
+            (rows,), (THREADS,),
+            (_cp(x_Td), _cp(row_token), _cp(scale.float()), _cp(buf), np.int32(d),
+             np.int32(row_scale is not None), np.int32(_vectorizable(x_Td, buf))))
     return buf
 
 
@@ -116,12 +124,14 @@ def _combine(out_Rd: torch.Tensor, rows_M: torch.Tensor, weight_M: torch.Tensor,
              offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
     import numpy as np
 
+    out_Rd = out_Rd.contiguous()
     d = out_Rd.shape[-1]
     y = torch.empty(num_tokens, d, dtype=out_Rd.dtype, device=out_Rd.device)
     with _stream():
-        _kernel(f"moe_combine_{_suffix(out_Rd)}")((num_tokens,), (THREADS,),
-                                                   (_cp(out_Rd), _cp(rows_M), _cp(weight_M.float()),
-                                                    _cp(offsets), _cp(y), np.int32(d)))
+        _kernel(f"moe_combine_{_suffix(out_Rd)}")(
+            (num_tokens,), (THREADS,),
+            (_cp(out_Rd), _cp(rows_M), _cp(weight_M.float()), _cp(offsets), _cp(y), np.int32(d),
+             np.int32(_vectorizable(out_Rd, y))))
     return y
 
 
