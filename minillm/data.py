@@ -193,7 +193,12 @@ def prepare(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path,
             stale.unlink()
     (out_dir / "meta.json").unlink(missing_ok=True)
     tokenizer.save(out_dir / "tokenizer.json")
-    eot = tokenizer.special_tokens.get("<|endoftext|>")
+    try:
+        eot = tokenizer.eot_id
+    except KeyError:
+        eot = None
+        print(f"note: {tokenizer!r} has no end-of-text token; documents are concatenated without "
+              "a separator")
     writers = {split: ShardWriter(out_dir, split, tokenizer.vocab_size, eot, shard_tokens)
                for split in ("train", "val")}
     bar = tqdm(desc=f"tokenizing into {out_dir}", unit="doc", disable=not progress)

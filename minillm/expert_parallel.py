@@ -101,11 +101,12 @@ class ExpertParallelMoE(nn.Module):
         buf_LMd = rows_Rd.new_zeros(L, M, d)
         buf_LMd = buf_LMd.index_put((sorted_expert, slot), rows_Rd[by_expert])
         out_LMd = self.experts(buf_LMd)
-        out_Rd = torch.empty_like(rows_Rd)
+        out_Rd = out_LMd.new_empty(rows_Rd.shape)  # in the experts' dtype (bf16 under autocast)
         out_Rd = out_Rd.index_put((by_expert,), out_LMd[sorted_expert, slot])
 
         back_Md = _AllToAll.apply(out_Rd, recv_splits, send_splits, self.group)
-        y_Td = x_Td.new_zeros(B * T, d).index_add(0, token_M, back_Md * weight_M[:, None].to(back_Md.dtype))
+        y_Td = x_Td.new_zeros(B * T, d).index_add(
+            0, token_M, (back_Md * weight_M[:, None].to(back_Md.dtype)).to(x_Td.dtype))
         self.stats = {k: v.detach() for k, v in routing_stats(plan, B * T).items()}
         aux = {}
         if self.training:

@@ -354,8 +354,9 @@ def tokenizer_from_hf_json(path: str | Path):
         raise ValueError(f"{path}: field normalizer={d['normalizer'].get('type')!r} is not supported")
     pre = d.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    pattern = GPT2_PATTERN
+    pattern, has_split = GPT2_PATTERN, False
     if len(steps) == 2 and steps[0].get("type") == "Split":
+        has_split = True
         pattern = steps[0]["pattern"].get("Regex")
         if pattern is None or steps[0].get("behavior") != "Isolated" or steps[0].get("invert"):
             raise ValueError(f"{path}: pre_tokenizer Split must be an isolated regex split")
@@ -367,6 +368,9 @@ def tokenizer_from_hf_json(path: str | Path):
                          "(expected ByteLevel, or Split then ByteLevel)")
     if steps[0].get("add_prefix_space"):
         raise ValueError(f"{path}: pre_tokenizer ByteLevel add_prefix_space=true is not supported")
+    if not has_split and not steps[0].get("use_regex", True):
+        raise ValueError(f"{path}: pre_tokenizer ByteLevel use_regex=false without a Split is not "
+                         "supported (it does not split words)")
 
     char_to_byte = {c: b for b, c in byte_level_alphabet().items()}
     specials = {t["content"]: t["id"] for t in d.get("added_tokens", []) if t.get("special")}
@@ -393,7 +397,22 @@ def tokenizer_from_hf_json(path: str | Path):
             raise ValueError(f"{path}: merge {a!r} + {b!r} does not produce a token with a larger id "
                              "than the previous merge; tiktoken needs ids in merge order")
         last = rank
-    return Tokenizer(ranks, pattern, specials, name=path.parent.name or "hf")
+    return Tokenizer(ranks, pattern, specials, name=path.parent.name or "hf",
+                     eot_token=_end_of_text(path.parent, specials))
+
+
+END_OF_TEXT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "</s>")
+
+
+def _end_of_text(folder: Path, specials: dict[str, int]) -> str:
+    """The document separator: tokenizer_config.json's eos_token, else a well-known name."""
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if eos in specials:
+            return eos
+    return next((name for name in END_OF_TEXT_NAMES if name in specials), "<|endoftext|>")
 
 
 def load_hf_tokenizer(path: str | Path):

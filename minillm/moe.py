@@ -215,8 +215,10 @@ class Experts(nn.Module):
 
 
 def load_balancing_loss(plan: RoutingPlan) -> torch.Tensor:
-    """E * sum_e f_e * P_e in fp32 (Switch Transformer); 1.0 when perfectly balanced."""
-    f_E = torch.bincount(plan.expert, minlength=plan.num_experts).float() / len(plan.expert)
+    """E * sum_e f_e * P_e in fp32 (Switch Transformer); 1.0 when perfectly balanced. Counts the
+    router's own T * k entries only, not entries a plan transform added."""
+    routed = plan.expert[:plan.probs_TE.shape[0] * plan.top_k]
+    f_E = torch.bincount(routed, minlength=plan.num_experts).float() / len(routed)
     P_E = plan.probs_TE.float().mean(0)
     return plan.num_experts * (f_E * P_E).sum()
 
@@ -244,7 +246,7 @@ def _dispatch_combine(x_Td: torch.Tensor, plan: RoutingPlan):
     """The CUDA kernels (minillm/moe_kernels.py) on a GPU with CuPy, else the reference."""
     if x_Td.is_cuda:
         from . import moe_kernels
-        if moe_kernels.available() and x_Td.dtype in (torch.float32, torch.bfloat16):
+        if moe_kernels.available():  # (other dtypes fall back to the reference inside)
             return moe_kernels.dispatch_combine_fns(plan, x_Td.shape[0])
         moe_kernels.log_fallback()
     return (lambda x: dispatch(x, plan)), (lambda out: combine(out, plan, x_Td.shape[0]))
@@ -266,7 +268,7 @@ def outside_output(x_Td: torch.Tensor, plan: RoutingPlan, experts: "Experts") ->
     buf_ECd[expert_M, slot_M] = x_Td[token_M]
     out_ECd = experts(buf_ECd)
     rows = out_ECd[expert_M, slot_M] * plan.weight[outside, None].to(out_ECd.dtype)
-    return y_Td.index_add(0, token_M, rows)
+    return y_Td.index_add(0, token_M, rows.to(y_Td.dtype))  # experts may run in bf16 (autocast)
 
 
 class MoE(nn.Module):

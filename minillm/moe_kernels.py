@@ -64,8 +64,11 @@ def _kernel(name: str):
 
 
 def _cp(t: torch.Tensor):
+    """A zero-copy CuPy view. bf16 goes as int16 bits: the kernels only need the pointer, and
+    CuPy's DLPack import of bf16 needs an extra package (ml_dtypes)."""
     import cupy
-    return cupy.from_dlpack(t.contiguous())
+    t = t.contiguous()
+    return cupy.from_dlpack(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
 
 
 def _stream():
@@ -189,9 +192,14 @@ class Combine(torch.autograd.Function):
         return grad_out, grad_w.to(weight_M.dtype), None, None, None, None, None
 
 
+SUPPORTED = (torch.float32, torch.bfloat16)
+
+
 def dispatch_combine_fns(plan, num_tokens: int):
     """Closures (dispatch(x) -> (E, C, d), combine(out) -> (T, d)) on the kernels for the kept
     entries of `plan`, equal to minillm.moe.dispatch / combine on them."""
+    from .moe import combine as reference_combine, dispatch as reference_dispatch
+
     kept = plan.kept
     E, C = plan.num_experts, plan.capacity
     tokens = plan.token[kept]
@@ -203,9 +211,13 @@ def dispatch_combine_fns(plan, num_tokens: int):
     order, offsets = csr_by_token(tokens, num_tokens)
 
     def dispatch(x_Td):
+        if x_Td.dtype not in SUPPORTED:  # e.g. fp16 autocast: the reference path
+            return reference_dispatch(x_Td, plan)
         return Dispatch.apply(x_Td, row_token, rows[order], offsets).view(E, C, -1)
 
     def combine(out_ECd):
+        if out_ECd.dtype not in SUPPORTED:
+            return reference_combine(out_ECd, plan, num_tokens)
         return Combine.apply(out_ECd.reshape(E * C, -1), plan.weight[kept], rows, tokens, order,
                              offsets, row_entry)
     return dispatch, combine

@@ -50,7 +50,7 @@ class IntraGPURectification:
         kept_TK = (plan.slot[first] >= 0).view(k, T).t()
         n_kept_T = kept_TK.sum(-1)
         limit = {"all": 0, "any": k - 1, "all_but_one": 1}[self.dropped_when]
-        rectify_T = n_kept_T <= limit
+        rectify_T = (n_kept_T <= limit) & (n_kept_T < k)  # a token that kept all k is never dropped
         if not bool(rectify_T.any()):
             return plan
         tokens = torch.nonzero(rectify_T).squeeze(-1)
@@ -58,11 +58,15 @@ class IntraGPURectification:
         device_T = torch.arange(T, device=tokens.device) * G // T
         per = E // G
         local_mask_TE = (torch.arange(E, device=tokens.device)[None, :] // per) == device_T[:, None]
-        local_probs = plan.probs_TE[tokens].masked_fill(~local_mask_TE[tokens], -1.0)
+        # ... excluding experts the token already kept a slot on (they would add nothing new)
+        expert_TK = plan.expert[first].view(k, T).t()
+        kept_TE = torch.zeros(T, E, dtype=torch.bool, device=tokens.device)
+        kept_TE.scatter_(1, expert_TK, kept_TK)
+        allowed = local_mask_TE[tokens] & ~kept_TE[tokens]
+        local_probs = plan.probs_TE[tokens].masked_fill(~allowed, -1.0)
         best = local_probs.argmax(-1)
         p_best = plan.probs_TE[tokens, best]
         # the rectified token's output: (sum_kept p_i E_i + s p_j E_j) / detached denominator
-        expert_TK = plan.expert[first].view(k, T).t()
         p_TK = plan.probs_TE.gather(1, expert_TK)
         kept_sum = (p_TK * kept_TK).sum(-1)[tokens]
         s = (k - n_kept_T[tokens]).to(p_best.dtype)

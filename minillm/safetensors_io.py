@@ -52,6 +52,13 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         if info.get("dtype") not in DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         begin, end = info["data_offsets"]
+        numel = 1
+        for n in info["shape"]:
+            numel *= n
+        expected = numel * torch.tensor([], dtype=DTYPES[info["dtype"]]).element_size()
+        if not 0 <= begin <= end or end - begin != expected:
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets {[begin, end]} but its "
+                             f"shape {info['shape']} and dtype {info['dtype']} need {expected} bytes")
         if data_start + end > size:
             raise ValueError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
                              f"{data_start + end}, the file has {size} bytes")

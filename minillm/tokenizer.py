@@ -57,11 +57,13 @@ class Tokenizer:
     """
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str,
-                 special_tokens: dict[str, int] | None = None, name: str = "minillm"):
+                 special_tokens: dict[str, int] | None = None, name: str = "minillm",
+                 eot_token: str = EOT):
         self.mergeable_ranks = mergeable_ranks
         self.pattern = pattern
         self.special_tokens = dict(special_tokens or {})
         self.name = name
+        self.eot_token = eot_token  # the special token that ends a document
         self.encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
                                           special_tokens=self.special_tokens)
 
@@ -74,10 +76,12 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int:
-        """Id of `<|endoftext|>`, the document separator."""
-        if EOT not in self.special_tokens:
-            raise KeyError(f"tokenizer {self.name!r} has no {EOT} special token")
-        return self.special_tokens[EOT]
+        """Id of the end-of-text token (`<|endoftext|>` unless the tokenizer names another), the
+        document separator."""
+        if self.eot_token not in self.special_tokens:
+            raise KeyError(f"tokenizer {self.name!r} has no end-of-text special token "
+                           f"{self.eot_token!r}")
+        return self.special_tokens[self.eot_token]
 
     def encode(self, text: str, allowed_special: Iterable[str] | str = ()) -> list[int]:
         """Token ids of `text`. A special token's string in `text` raises ValueError unless allowed
@@ -113,6 +117,7 @@ class Tokenizer:
             "name": self.name,
             "pattern": self.pattern,
             "special_tokens": self.special_tokens,
+            "eot_token": self.eot_token,
             "ranks": [base64.b64encode(token).decode("ascii") for token, _ in by_rank],
         }
         if any(rank != i for i, (_, rank) in enumerate(by_rank)):
@@ -140,7 +145,7 @@ class Tokenizer:
         if len(ranks) != len(d["ranks"]):
             raise ValueError(f"{source}: field 'ranks' holds duplicate tokens")
         return cls(ranks, d["pattern"], {str(k): int(v) for k, v in d["special_tokens"].items()},
-                   name=d.get("name", "minillm"))
+                   name=d.get("name", "minillm"), eot_token=d.get("eot_token", EOT))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer to one JSON file, atomically (temporary file, then rename)."""

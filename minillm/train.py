@@ -76,8 +76,10 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 8
     ckpt_interval: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept; 0: all"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest good checkpoint"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start over in an out_dir that holds an earlier run (deletes its checkpoints)"})
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -179,6 +181,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.step = 0
         self.checkpoint_path = None
+        self._check_out_dir()
         if cfg.resume:
             self._resume()
         self.wrapped = self.model
@@ -233,14 +236,13 @@ class Trainer:
                 fn(self, *args)
 
     # --- checkpoints ---
-    def _rng_states(self) -> list:
-        """Every rank's torch RNG state (so each rank resumes its own dropout stream)."""
-        state = torch.get_rng_state()
+    def _per_rank(self, value) -> list:
+        """`value` of every rank, in rank order (loader positions and RNG states differ per rank)."""
         if not self.dist.enabled:
-            return [state]
-        states = [None] * self.dist.world_size
-        torch_dist.all_gather_object(states, state)
-        return states
+            return [value]
+        values = [None] * self.dist.world_size
+        torch_dist.all_gather_object(values, value)
+        return values
 
     def state_dict(self) -> dict:
         """The full training state. Under FSDP this is a collective: every rank must call it;
@@ -249,11 +251,12 @@ class Trainer:
         state = {"format": CHECKPOINT_FORMAT, "step": self.step,
                  "model": get_model_state_dict(self.model, options=options),
                  "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
-                 "loader": self.loader.state_dict(), "rng": self._rng_states(),
+                 "loader": self._per_rank(self.loader.state_dict()),
+                 "rng": self._per_rank(torch.get_rng_state()),
                  "train_config": dataclasses.asdict(self.cfg),
                  "model_config": self.model.config.to_dict(), "tokenizer": self.tokenizer.to_dict()}
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.device.type == "cuda":
+            state["cuda_rng"] = self._per_rank(torch.cuda.get_rng_state(self.device))
         return state
 
     def save(self) -> Path:
@@ -262,13 +265,31 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_checkpoint(path, state)
-            for old in sorted(self.out_dir.glob("ckpt_*.pt"))[:-self.cfg.keep_checkpoints]:
-                old.unlink()
+            if self.cfg.keep_checkpoints > 0:
+                for old in sorted(self.out_dir.glob("ckpt_*.pt"))[:-self.cfg.keep_checkpoints]:
+                    old.unlink()
         if self.dist.enabled:
             torch_dist.barrier()
         self.checkpoint_path = path
         self._callback("on_checkpoint", path)
         return path
+
+    def _check_out_dir(self) -> None:
+        """A fresh run never mixes with an earlier one in the same out_dir: refuse, unless resuming
+        (continue it) or overwriting (delete its checkpoints and metrics)."""
+        earlier = list(self.out_dir.glob("ckpt_*.pt")) + list(self.out_dir.glob("metrics.jsonl"))
+        if not earlier or self.cfg.resume:
+            return
+        if not self.cfg.overwrite:
+            raise FileExistsError(f"{self.out_dir} holds an earlier run ({earlier[0].name}); pass "
+                                  "--resume true to continue it or --overwrite true to start over")
+        if self.dist.enabled:
+            torch_dist.barrier()  # every rank has looked before rank 0 deletes
+        if self.dist.is_main:
+            for path in earlier:
+                path.unlink()
+        if self.dist.enabled:
+            torch_dist.barrier()
 
     def _resume(self) -> None:
         """Load the newest good checkpoint (each rank reads the file: multi-node runs need a
@@ -276,15 +297,18 @@ class Trainer:
         path, state = latest_checkpoint(self.out_dir)
         if path is None:
             print(f"--resume: no checkpoint in {self.out_dir}, starting from step 0")
+            self._truncate_metrics()
             return
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, state["model"], options=options)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
-        self.loader.load_state_dict(state["loader"])
-        rng = state["rng"]
-        torch.set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+        if len(state["loader"]) != self.dist.world_size:
+            raise ValueError(f"{path} was written by {len(state['loader'])} process(es); resuming it "
+                             f"exactly needs the same number, not {self.dist.world_size}")
+        self.loader.load_state_dict(state["loader"][self.dist.rank])
+        torch.set_rng_state(state["rng"][self.dist.rank])
         if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            torch.cuda.set_rng_state(state["cuda_rng"][self.dist.rank], self.device)
         self.step = state["step"]
         self.checkpoint_path = path
         self._truncate_metrics()
@@ -296,9 +320,16 @@ class Trainer:
         """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
         path = self.out_dir / "metrics.jsonl"
         if self.dist.is_main and path.is_file():
-            keep = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in keep))
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line torn by a crash mid-write
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:

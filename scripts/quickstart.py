@@ -51,7 +51,7 @@ def main(argv=None):
                             max_steps=20 if cfg.tiny else cfg.max_steps,
                             warmup_steps=5 if cfg.tiny else 50, eval_interval=10 if cfg.tiny else 100,
                             ckpt_interval=10 if cfg.tiny else 250, log_interval=5 if cfg.tiny else 50,
-                            seed=cfg.seed)
+                            seed=cfg.seed, overwrite=True)  # a rerun starts over
     trainer = Trainer(train_cfg, distributed.setup("auto"))
     lm = LocalLM(trainer.model, trainer.tokenizer)
     new_tokens = 16 if cfg.tiny else 40

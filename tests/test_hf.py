@@ -246,6 +246,10 @@ def test_sentencepiece_ids_equal_transformers_and_sentencepiece(tmp_path, docs):
     with pytest.raises(ValueError, match="special token '</s>'"):
         ours.encode("end</s>")
     assert ours.encode("end</s>", allowed_special="all")[-1] == 2
+    from minillm.data import TokenDataset, prepare
+    prepare(docs[:20], ours, tmp_path / "data", val_fraction=0.0, progress=False)
+    tokens = TokenDataset(tmp_path / "data").shards[0]
+    assert int((tokens == 2).sum()) == 20  # documents end with </s>
     ours.save(tmp_path / "spm.json")  # the same file / checkpoint route as BPE tokenizers
     assert load_tokenizer(tmp_path / "spm.json").encode_ordinary(docs[0]) == ours.encode_ordinary(docs[0])
 
@@ -339,3 +343,14 @@ def test_continued_pretraining_from_a_hf_folder(tmp_path, docs):
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(ref(x).logits.view(-1, tok.vocab_size), y.view(-1))
     assert history[0]["loss"] == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_safetensors_offsets_must_match_shapes(tmp_path):
+    import struct
+
+    from minillm.safetensors_io import read_header
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 0]}}).encode()
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ValueError, match=r"tensor 'w' has data_offsets \[0, 0\] but .* need 16 bytes"):
+        read_header(tmp_path / "bad.safetensors")

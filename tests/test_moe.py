@@ -231,3 +231,24 @@ def test_expert_parallel_equals_single_process(tmp_path):
 
     out = torchrun(Path(__file__).parent / "workers" / "expert_parallel.py", str(tmp_path), timeout=180)
     assert "OK" in out
+
+
+def test_moe_with_rectification_runs_under_bf16_autocast():
+    moe = skewed_moe([IntraGPURectification(num_devices=2, dropped_when="any"), FillInRectification()])
+    x = torch.randn(1, 40, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = moe(x)
+    assert torch.isfinite(y.float()).all() and moe.stats["dropped_tokens_fraction"] == 0
+    (y.float().sum() + sum(aux.values())).backward()
+
+
+def test_intra_gpu_never_picks_an_expert_the_token_kept():
+    plan = random_plan(64, 4, 2, cf=0.5, seed=3)
+    new = IntraGPURectification(num_devices=2, dropped_when="any")(plan)
+    n = 64 * 2
+    kept_pairs = set(zip(plan.token[plan.kept].tolist(), plan.expert[plan.kept].tolist()))
+    added = set(zip(new.token[n:].tolist(), new.expert[n:].tolist()))
+    assert added and not added & kept_pairs
+    k1 = random_plan(64, 4, 1, cf=0.5, seed=3)  # k = 1: "all_but_one" rectifies only dropped tokens
+    new1 = IntraGPURectification(2, "all_but_one")(k1)
+    assert len(new1.token) - 64 == int((~k1.kept).sum())

@@ -194,3 +194,28 @@ def test_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
     path, state = latest_checkpoint(tmp_path)
     assert path is not None and state["w"].numel() == 25_000_000
     assert list(tmp_path.glob("*.tmp")) or path.name != "ckpt_0000001.pt"  # killed mid-write
+
+
+@pytest.mark.slow
+def test_two_ranks_two_domains_resume_exactly(data_dir, tmp_path):
+    assert "OK" in torchrun(WORKERS / "train_resume_ddp.py", str(data_dir), str(tmp_path), timeout=180)
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_folder(data_dir, tmp_path):
+    Trainer(config(data_dir, tmp_path, max_steps=2, ckpt_interval=2), DistInfo()).train()
+    with pytest.raises(FileExistsError, match="holds an earlier run.*--resume true.*--overwrite true"):
+        Trainer(config(data_dir, tmp_path, max_steps=2), DistInfo())
+    fresh = Trainer(config(data_dir, tmp_path, max_steps=1, ckpt_interval=1, overwrite=True), DistInfo())
+    assert not list(tmp_path.glob("ckpt_0000002.pt"))
+    fresh.train()
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000001.pt"]
+
+
+def test_resume_survives_a_torn_metrics_line(data_dir, tmp_path):
+    Trainer(config(data_dir, tmp_path, max_steps=4, ckpt_interval=4), DistInfo()).train()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # killed mid-write
+    resumed = Trainer(config(data_dir, tmp_path, max_steps=6, resume=True), DistInfo())
+    assert resumed.step == 4
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4]
