@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .moe import MoEConfig, Router, Experts, load_balancing_loss, routing_stats, z_loss
+from .moe import Experts, MoEConfig, Router, auxiliary_losses, routing_stats
 
 
 class _AllToAll(torch.autograd.Function):
@@ -108,11 +108,7 @@ class ExpertParallelMoE(nn.Module):
         y_Td = x_Td.new_zeros(B * T, d).index_add(
             0, token_M, (back_Md * weight_M[:, None].to(back_Md.dtype)).to(x_Td.dtype))
         self.stats = {k: v.detach() for k, v in routing_stats(plan, B * T).items()}
-        aux = {}
-        if self.training:
-            aux["moe_balance"] = self.cfg.aux_loss_coef * load_balancing_loss(plan)
-            aux["moe_z"] = self.cfg.z_loss_coef * z_loss(plan)
-        return y_Td.view(B, T, d), aux
+        return y_Td.view(B, T, d), auxiliary_losses(plan, self.cfg) if self.training else {}
 
     # --- checkpoints under global expert indices ---
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -228,6 +228,12 @@ def z_loss(plan: RoutingPlan) -> torch.Tensor:
     return torch.logsumexp(plan.logits_TE.float(), dim=-1).square().mean()
 
 
+def auxiliary_losses(plan: RoutingPlan, cfg: MoEConfig) -> dict[str, torch.Tensor]:
+    """The weighted balance and z-losses, named for the trainer's log."""
+    return {"moe_balance": cfg.aux_loss_coef * load_balancing_loss(plan),
+            "moe_z": cfg.z_loss_coef * z_loss(plan)}
+
+
 def routing_stats(plan: RoutingPlan, num_tokens: int) -> dict[str, torch.Tensor]:
     """Tokens per expert (in the buffer); dropped entries (of the first T * k); dropped tokens (no
     expert output reaches them at all); padding share of the buffer's slots."""
@@ -303,11 +309,7 @@ class MoE(nn.Module):
         if self.output_bias is not None:
             y_Td = y_Td + self.output_bias
         self.stats = {k: v.detach() for k, v in routing_stats(plan, B * T).items()}
-        aux = {}
-        if self.training:
-            aux["moe_balance"] = self.cfg.aux_loss_coef * load_balancing_loss(plan)
-            aux["moe_z"] = self.cfg.z_loss_coef * z_loss(plan)
-        return y_Td.view(B, T, d), aux
+        return y_Td.view(B, T, d), auxiliary_losses(plan, self.cfg) if self.training else {}
 
 
 def moefy_layers(model: nn.Module, cfg: MoEConfig, layers=None, **moe_kwargs) -> nn.Module:
