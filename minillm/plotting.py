@@ -24,12 +24,15 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) pairs for `loss`, `lr` and every `val_loss*` key."""
+    """(step, value) pairs for `loss`, `lr` and every `val_loss*` key (the mean `val_loss` is left
+    out when there is a single domain: it equals that domain's curve)."""
     out: dict[str, list[tuple[int, float]]] = {}
     for r in records:
         for key, value in r.items():
             if key in ("loss", "lr") or key.startswith("val_loss"):
                 out.setdefault(key, []).append((r["step"], value))
+    if sum(k.startswith("val_loss/") for k in out) == 1:
+        out.pop("val_loss", None)
     return out
 
 
