@@ -334,3 +334,14 @@ def test_warc_input_to_token_shards(tmp_path):
     assert report["rejected"] == {"language:de": 1}
     data = TokenDataset(tmp_path / "out" / "tokens")
     assert tok.decode(np.concatenate([np.asarray(s) for s in data.shards]).tolist()).count("<|endoftext|>") == 2
+
+
+def test_resiliparse_backend_agrees_on_main_text():
+    pytest.importorskip("resiliparse")
+    html = (f"<html><head><title>News</title></head><body><nav>Home | About</nav><p>{PROSE}</p>"
+            f"<p>{PROSE2}</p><footer>Copyright</footer></body></html>")
+    fast, title = extract_text(html, backend="resiliparse")
+    ours, our_title = extract_text(html)
+    assert title == our_title == "News"
+    assert "Home" not in fast and "Copyright" not in fast
+    assert [line for line in fast.split("\n") if line] == ours.split("\n")
