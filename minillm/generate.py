@@ -74,7 +74,7 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     device = model.wte.weight.device
     ids_BL, valid_BL = _left_pad(prompts, device)
     B, L = ids_BL.shape
-    if model.wpe is not None and L + max_new_tokens > model.config.block_size:
+    if model.wpe is not None and L + max_new_tokens - 1 > model.config.block_size:
         raise ValueError(f"prompt of {L} tokens + {max_new_tokens} new tokens exceeds block_size "
                          f"{model.config.block_size}")
     generator = None
@@ -90,7 +90,7 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     new = [[] for _ in range(B)]
     done = [False] * B
     seq_BK, valid_BK, pos_B = ids_BL, valid_BL, positions_BL[:, -1]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
         for b, token in enumerate(next_B.tolist()):
             if done[b]:
@@ -101,8 +101,8 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
             new[b].append(token)
             if should_stop is not None and should_stop(b, new[b]):
                 done[b] = True
-        if all(done):
-            break
+        if all(done) or step == max_new_tokens - 1:
+            break  # no forward pass for logits nobody will sample
         pos_B = pos_B + 1
         seq_BK = torch.cat([seq_BK, next_B[:, None]], dim=1)
         valid_BK = torch.cat([valid_BK, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)

@@ -98,8 +98,14 @@ def capacity_for(num_tokens: int, cfg: MoEConfig, loads: torch.Tensor | None = N
 def assign_slots(expert_N: torch.Tensor, priority_N: torch.Tensor, num_experts: int,
                  capacity: int) -> torch.Tensor:
     """Slot of every entry within its expert, in order of increasing `priority_N` (ties: entry
-    order); -1 beyond `capacity`."""
+    order); -1 beyond `capacity`. On a GPU with CuPy the routing-metadata kernel does the
+    counting (minillm/moe_kernels.py), with the same result."""
     order = torch.argsort(priority_N, stable=True)
+    if expert_N.is_cuda:
+        from . import moe_kernels
+        if moe_kernels.available():
+            return moe_kernels.slots(order, expert_N, torch.zeros_like(expert_N), num_experts,
+                                     capacity)[0]
     by_expert = torch.argsort(expert_N[order], stable=True)
     sorted_idx = order[by_expert]  # entries grouped by expert, in priority order within a group
     counts_E = torch.bincount(expert_N, minlength=num_experts)
