@@ -10,7 +10,11 @@ plan transforms (see minillm/moe.py) rectify this:
   y = (sum_kept p_i E_i(x) + s p_j E_j(x)) / (sum_kept p_i + s p_j), s = k - (kept slots), with the
   denominator detached and clamped. Which tokens count as dropped (lost `all`, `any`, or
   `all_but_one` of their k slots) is a parameter. On one process, experts are split evenly over
-  `num_devices` virtual devices and tokens likewise (token t lives on device t * G // T).
+  `num_devices` virtual devices and tokens likewise (token t lives on device t * G // T). A token
+  whose local experts are all already among its kept ones has no candidate and stays as it was.
+  Rectified entries are computed outside the capacity buffer, so capacity does not limit them: an
+  expert can receive up to all of its device's dropped tokens on top of its C buffered ones (the
+  paper's form; `max_per_expert` bounds it, the highest router probabilities first).
 - **Fill-in Rectification** (`FillInRectification`): each expert's empty slots are filled with the
   tokens of highest router probability for that expert among tokens not already routed to it. A
   filled-in token adds that expert's output with weight p (divided by the sum of the token's top-k
@@ -36,10 +40,12 @@ def _replace(plan: RoutingPlan, token, expert, slot, weight) -> RoutingPlan:
 
 
 class IntraGPURectification:
-    def __init__(self, num_devices: int = 1, dropped_when: str = "all", eps: float = 1e-6):
+    def __init__(self, num_devices: int = 1, dropped_when: str = "all", eps: float = 1e-6,
+                 max_per_expert: int | None = None):
         if dropped_when not in ("all", "any", "all_but_one"):
             raise ValueError(f"dropped_when must be all, any or all_but_one, got {dropped_when!r}")
         self.num_devices, self.dropped_when, self.eps = num_devices, dropped_when, eps
+        self.max_per_expert = max_per_expert  # None: rectified entries are not limited
 
     def __call__(self, plan: RoutingPlan) -> RoutingPlan:
         T, E = plan.probs_TE.shape
@@ -63,8 +69,14 @@ class IntraGPURectification:
         kept_TE = torch.zeros(T, E, dtype=torch.bool, device=tokens.device)
         kept_TE.scatter_(1, expert_TK, kept_TK)
         allowed = local_mask_TE[tokens] & ~kept_TE[tokens]
-        local_probs = plan.probs_TE[tokens].masked_fill(~allowed, -1.0)
-        best = local_probs.argmax(-1)
+        has_candidate = allowed.any(-1)  # else argmax would pick a masked (non-local) expert
+        tokens, allowed = tokens[has_candidate], allowed[has_candidate]
+        best = plan.probs_TE[tokens].detach().masked_fill(~allowed, -1.0).argmax(-1)
+        if self.max_per_expert is not None:  # the highest probabilities win an expert's places
+            rank = assign_slots(best, -plan.probs_TE[tokens, best].detach(), E, self.max_per_expert)
+            tokens, best = tokens[rank >= 0], best[rank >= 0]
+        if not len(tokens):
+            return plan
         p_best = plan.probs_TE[tokens, best]
         # the rectified token's output: (sum_kept p_i E_i + s p_j E_j) / detached denominator
         p_TK = plan.probs_TE.gather(1, expert_TK)
