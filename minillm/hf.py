@@ -15,15 +15,20 @@ Face layout already use RoPE's rotate-half pairing, which is minillm's, so no we
 from __future__ import annotations
 
 import json
+import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from . import safetensors_io
-from .model import GPT, ModelConfig, rope_inv_freq
+from .errors import UserError
+from .model import GPT, ModelConfig, load_torch_file, rope_inv_freq
+from .tokenizer import GPT2_PATTERN, SentencePieceTokenizer, Tokenizer
 
 CONFIG = "config.json"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -39,30 +44,35 @@ def _require(hf: dict, field: str, supported, source: str, default=None) -> None
     """Refuse a config field whose value changes the math in a way minillm does not implement."""
     value = hf.get(field, default)
     if value not in supported:
-        raise ValueError(f"{source}: config field {field}={value!r} is not supported by minillm "
-                         f"(supported: {sorted(map(repr, supported))})")
+        raise UserError(f"{source}: config field {field}={value!r} is not supported by minillm "
+                        f"(supported: {', '.join(sorted(map(repr, supported)))})")
 
 
 def _rope(hf: dict, source: str) -> tuple[float, dict | None]:
     """(rope_theta, minillm rope_scaling) from either config style: `rope_theta` + `rope_scaling`
-    (transformers 4) or `rope_parameters` (transformers 5)."""
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = {**legacy, **params}
+    (transformers 4) or `rope_parameters` (transformers 5). When both are there, transformers 5
+    takes a non-empty `rope_scaling` whole and ignores `rope_parameters`; `rope_theta` inside the
+    chosen dict wins over the top-level field, and llama3's original length defaults to
+    `max_position_embeddings`."""
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    theta = float(scaling.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
-        return float(theta), None
-    if kind == "linear":
-        return float(theta), {"type": "linear", "factor": float(scaling["factor"])}
-    if kind == "llama3":
-        return float(theta), {"type": "llama3", "factor": float(scaling["factor"]),
-                              "low_freq_factor": float(scaling["low_freq_factor"]),
-                              "high_freq_factor": float(scaling["high_freq_factor"]),
-                              "original_max_position_embeddings":
-                                  int(scaling["original_max_position_embeddings"])}
-    raise ValueError(f"{source}: config field rope_scaling type {kind!r} is not supported by "
-                     "minillm (supported: default, linear, llama3)")
+        return theta, None
+    try:
+        if kind == "linear":
+            return theta, {"type": "linear", "factor": float(scaling["factor"])}
+        if kind == "llama3":
+            original = scaling.get("original_max_position_embeddings",
+                                   hf.get("max_position_embeddings", 2048))
+            return theta, {"type": "llama3", "factor": float(scaling["factor"]),
+                           "low_freq_factor": float(scaling["low_freq_factor"]),
+                           "high_freq_factor": float(scaling["high_freq_factor"]),
+                           "original_max_position_embeddings": int(original)}
+    except KeyError as e:
+        raise UserError(f"{source}: rope scaling of type {kind!r} lacks the field {e.args[0]!r}") from None
+    raise UserError(f"{source}: config field rope_scaling type {kind!r} is not supported by "
+                    "minillm (supported: default, linear, llama3)")
 
 
 def config_from_hf(hf: dict, source: str = CONFIG) -> ModelConfig:
@@ -94,8 +104,8 @@ def config_from_hf(hf: dict, source: str = CONFIG) -> ModelConfig:
                            rope_scaling=scaling, attn_bias=hf.get("attention_bias", False),
                            mlp_bias=hf.get("mlp_bias", False),
                            tie_embeddings=hf.get("tie_word_embeddings", False))
-    raise ValueError(f"{source}: unknown architecture model_type={model_type!r} "
-                     f"(architectures {hf.get('architectures')}); minillm loads gpt2 and llama")
+    raise UserError(f"{source}: unknown architecture model_type={model_type!r} "
+                    f"(architectures {hf.get('architectures')}); minillm loads gpt2 and llama")
 
 
 def family(cfg: ModelConfig) -> str:
@@ -106,8 +116,8 @@ def family(cfg: ModelConfig) -> str:
         return "gpt2"
     if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.activation == "swiglu":
         return "llama"
-    raise ValueError("this model matches neither GPT2LMHeadModel (learned positions, LayerNorm, "
-                     "biases, no SwiGLU) nor LlamaForCausalLM (RoPE, RMSNorm, SwiGLU)")
+    raise UserError("this model matches neither GPT2LMHeadModel (learned positions, LayerNorm, "
+                    "biases, no SwiGLU) nor LlamaForCausalLM (RoPE, RMSNorm, SwiGLU)")
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -152,17 +162,12 @@ def _convert_gpt2(name: str, t: torch.Tensor, cfg: ModelConfig) -> list[tuple[st
         return [(name, t)]
     if name.startswith("ln_f."):
         return [("norm_f." + name[5:], t)]
-    m = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m is None:
-        raise KeyError(name)
-    i, module, kind = m.groups()
+    i, module, kind = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name).groups()
     prefix = f"blocks.{i}."
     if module == "attn.c_attn":  # fused q, k, v; Conv1D weights are (in, out)
         t = t.t() if kind == "weight" else t
         return [(prefix + f"attn.{w}.{kind}", part.contiguous())
                 for w, part in zip(("wq", "wk", "wv"), t.split(cfg.n_embd, dim=0))]
-    if module not in _GPT2_LAYER:
-        raise KeyError(name)
     conv1d = kind == "weight" and module != "ln_1" and module != "ln_2"
     return [(prefix + f"{_GPT2_LAYER[module]}.{kind}", t.t().contiguous() if conv1d else t)]
 
@@ -172,34 +177,50 @@ def _convert_llama(name: str, t: torch.Tensor, cfg: ModelConfig) -> list[tuple[s
               "lm_head.weight": "lm_head.weight"}
     if name in simple:
         return [(simple[name], t)]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m is None or m.group(2) not in _LLAMA_LAYER:
-        raise KeyError(name)
-    i, module, kind = m.groups()
+    i, module, kind = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name).groups()
     return [(f"blocks.{i}.{_LLAMA_LAYER[module]}.{kind}", t)]
 
 
+def _safetensors_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one safetensors file, each copied out of the file's memory map. Closing the
+    file before the next shard is read keeps resident memory at the weights plus one shard."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as e:
+        raise UserError(f"{path}: not a valid safetensors file ({e}); a truncated or damaged "
+                        "download?") from None
+
+
+def _bin_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a `pytorch_model.bin` (zip files memory-mapped, pre-zip files read whole)."""
+    state = load_torch_file(path, expected="a PyTorch state dict (pytorch_model.bin)", mmap=True)
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise UserError(f"{path}: expected a state dict (names to tensors), found {type(state).__name__}")
+    yield from state.items()
+
+
 def _checkpoint_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint in `folder`, one at a time (sharded checkpoints included)."""
+    """Every tensor of the checkpoint in `folder`, one at a time, shard by shard."""
     for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS), (BIN_INDEX, BIN)):
         index = folder / index_name
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+                raise UserError(f"{index}: not a shard index (expected JSON with a weight_map)") from None
         elif (folder / single).is_file():
             files = [single]
         else:
             continue
         for file in files:
-            if file.endswith(".safetensors"):
-                yield from safetensors_io.iter_tensors(folder / file)
-            else:
-                if not (folder / file).is_file():
-                    raise FileNotFoundError(f"{folder / file}: listed in {index} but missing")
-                # mmap: tensors are paged in as they are copied to their destination
-                yield from torch.load(folder / file, map_location="cpu", mmap=True,
-                                      weights_only=True).items()
+            if not (folder / file).is_file():
+                raise UserError(f"{folder / file}: listed in {index} but missing")
+            read = _safetensors_file if file.endswith(".safetensors") else _bin_file
+            yield from read(folder / file)
         return
-    raise FileNotFoundError(f"{folder}: no {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX}")
+    raise UserError(f"{folder}: no {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX}")
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -210,38 +231,62 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def load_hf(folder: str | Path, device: str | torch.device = "cpu",
             dtype: torch.dtype | None = None) -> GPT:
-    """A minillm `GPT` from a Hugging Face model folder; `dtype` None keeps the checkpoint's."""
+    """A minillm `GPT` from a Hugging Face model folder; `dtype` None keeps the checkpoint's.
+
+    Errors name the checkpoint's own tensors. A config that ties the embeddings while the
+    checkpoint holds a different `lm_head.weight` loads untied, with a warning, as transformers 5
+    does; an `lm_head.weight` equal to the embedding (or standing in for a missing one) is tied."""
     folder = Path(folder)
     if not (folder / CONFIG).is_file():
-        raise FileNotFoundError(f"{folder / CONFIG} not found: not a Hugging Face model folder")
-    hf = json.loads((folder / CONFIG).read_text())
+        raise UserError(f"{folder / CONFIG} not found: not a Hugging Face model folder")
+    try:
+        hf = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder / CONFIG}: not valid JSON ({e})") from None
     cfg = config_from_hf(hf, str(folder / CONFIG))
-    convert = _convert_gpt2 if hf["model_type"] == "gpt2" else _convert_llama
+    gpt2 = hf["model_type"] == "gpt2"
+    convert = _convert_gpt2 if gpt2 else _convert_llama
     with torch.device("meta"):
         model = GPT(cfg)
-    expected = dict(model.named_parameters())  # tied weights appear once, as wte.weight
+    # Every tensor the checkpoint must hold, by its Hugging Face name, with its shape there.
+    expected = {name: tuple(t.shape) for name, t in hf_state_dict(model)}
+    embedding = "transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"
+    loaded, head = set(), None
     for hf_name, tensor in _checkpoint_tensors(folder):
         if _IGNORED.search(hf_name):
             continue
-        try:
-            converted = convert(hf_name, tensor, cfg)
-        except KeyError:
-            raise ValueError(f"{folder}: unexpected weight {hf_name!r} for {hf['model_type']}") from None
-        for name, t in converted:
-            if name == "lm_head.weight" and cfg.tie_embeddings:
-                continue  # the same matrix as wte.weight
-            if name not in expected:
-                raise ValueError(f"{folder}: weight {hf_name!r} has no place in the model "
-                                 f"(config says {cfg.n_layer} layers)")
-            if tuple(t.shape) != tuple(expected[name].shape):
-                raise ValueError(f"{folder}: shape mismatch for {hf_name!r}: checkpoint "
-                                 f"{tuple(t.shape)}, config implies {tuple(expected[name].shape)}")
-            _set_tensor(model, name, t.to(device=device, dtype=dtype or t.dtype))
+        # old GPT-2 files name their tensors without the "transformer." prefix
+        name = "transformer." + hf_name if gpt2 and hf_name.startswith(("h.", "wte.", "wpe.", "ln_f.")) \
+            else hf_name
+        tied_head = name == "lm_head.weight" and cfg.tie_embeddings
+        expected_shape = expected[embedding] if tied_head else expected.get(name)
+        if expected_shape is None:
+            raise UserError(f"{folder}: unexpected tensor {hf_name!r} for a {hf['model_type']} model "
+                            f"with {cfg.n_layer} layers (config.json)")
+        if tuple(tensor.shape) != expected_shape:
+            raise UserError(f"{folder}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                            f"config.json implies {expected_shape}")
+        if tied_head:
+            head = tensor.to(device=device, dtype=dtype or tensor.dtype)  # decided below
+            continue
+        for ours, t in convert(name, tensor, cfg):
+            _set_tensor(model, ours, t.to(device=device, dtype=dtype or t.dtype))
+        loaded.add(name)
+    if head is not None:
+        if embedding not in loaded:  # the head stands in for the embedding, as in transformers
+            _set_tensor(model, "wte.weight", head)
+            loaded.add(embedding)
+        elif not torch.equal(head, model.wte.weight):
+            warnings.warn(f"{folder}: config.json ties the embeddings, but lm_head.weight differs "
+                          f"from {embedding}; both are loaded, untied (as transformers does)")
+            cfg.tie_embeddings = False
+            _set_tensor(model, "lm_head.weight", head)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = [name for name in expected if name not in loaded]
     if missing:
-        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} weight(s), e.g. {missing[:3]}")
+        raise UserError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s): "
+                        f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
     if cfg.position == "rope":
         model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.eval()
@@ -284,13 +329,37 @@ def hf_state_dict(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
         yield "lm_head.weight", sd["lm_head.weight"]
 
 
+def special_token_ids(tok) -> dict[str, int | None]:
+    """`bos_token_id` / `eos_token_id` for config.json: a SentencePiece model's own; for a BPE
+    tokenizer its end-of-text token for both, GPT-2's convention (it separates documents)."""
+    if tok is None:
+        return {"bos_token_id": None, "eos_token_id": None}
+    try:
+        eos = tok.eot_id
+    except KeyError:
+        eos = None
+    if isinstance(tok, SentencePieceTokenizer):
+        bos = tok.sp.bos_id()
+        return {"bos_token_id": bos if bos >= 0 else None, "eos_token_id": eos}
+    return {"bos_token_id": eos, "eos_token_id": eos}
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
 def save_hf(model: GPT, folder: str | Path, dtype: torch.dtype | None = None,
-            max_shard_bytes: int = 5 * 2**30) -> None:
+            max_shard_bytes: int = 5 * 2**30, tokenizer=None) -> None:
     """Write `model` as a Hugging Face folder: config.json and model.safetensors (sharded with an
-    index when larger than `max_shard_bytes`)."""
+    index when larger than `max_shard_bytes`), and `tokenizer` with its files when given.
+    config.json's `bos_token_id` / `eos_token_id` are the tokenizer's (null without one: a
+    transformers default such as GPT-2's 50256 may lie outside the vocabulary)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf = config_to_hf(model.config)
+    hf.update(special_token_ids(tokenizer))
     first = next(iter(model.parameters()))
     hf["torch_dtype"] = hf["dtype"] = str(dtype or first.dtype).removeprefix("torch.")
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -306,17 +375,19 @@ def save_hf(model: GPT, folder: str | Path, dtype: torch.dtype | None = None,
     for stale in folder.glob("model*.safetensors*"):
         stale.unlink()
     if len(shards) == 1:
-        safetensors_io.save_file(shards[0], folder / SAFETENSORS, metadata={"format": "pt"})
+        _write_safetensors(shards[0], folder / SAFETENSORS)
     else:
         weight_map, total = {}, 0
         for k, shard in enumerate(shards, 1):
             file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            safetensors_io.save_file(shard, folder / file, metadata={"format": "pt"})
+            _write_safetensors(shard, folder / file)
             weight_map.update({name: file for name in shard})
             total += sum(t.numel() * t.element_size() for t in shard.values())
         (folder / SAFETENSORS_INDEX).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (folder / CONFIG).write_text(json.dumps(hf, indent=2))
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, folder)
 
 
 # --- tokenizers --------------------------------------------------------------------------------------
@@ -341,17 +412,19 @@ def tokenizer_from_hf_json(path: str | Path):
     `Tokenizer` with the same ids. Refuses what would make ids differ: a normalizer, a prefix space,
     a pre-tokenizer other than ByteLevel (optionally after one regex Split), merged tokens whose ids
     are not in merge order (tiktoken merges by rank), or missing single-byte tokens."""
-    from .tokenizer import GPT2_PATTERN, Tokenizer
-
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    d = json.loads(path.read_text())
+        raise UserError(f"tokenizer file not found: {path}")
+    d = _read_tokenizer_json(path)
+    if _sentencepiece_style(d):
+        raise UserError(f"{path}: a SentencePiece tokenizer in tokenizer.json form (Metaspace, "
+                        "'\u2581' for spaces); minillm reads such a tokenizer from its tokenizer.model, "
+                        "which is not beside this file")
     model = d.get("model") or {}
     if model.get("type") != "BPE":
-        raise ValueError(f"{path}: model type {model.get('type')!r}; only byte-level BPE converts")
+        raise UserError(f"{path}: model type {model.get('type')!r}; only byte-level BPE converts")
     if d.get("normalizer") is not None:
-        raise ValueError(f"{path}: field normalizer={d['normalizer'].get('type')!r} is not supported")
+        raise UserError(f"{path}: field normalizer={d['normalizer'].get('type')!r} is not supported")
     pre = d.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     pattern, has_split = GPT2_PATTERN, False
@@ -359,17 +432,17 @@ def tokenizer_from_hf_json(path: str | Path):
         has_split = True
         pattern = steps[0]["pattern"].get("Regex")
         if pattern is None or steps[0].get("behavior") != "Isolated" or steps[0].get("invert"):
-            raise ValueError(f"{path}: pre_tokenizer Split must be an isolated regex split")
+            raise UserError(f"{path}: pre_tokenizer Split must be an isolated regex split")
         if steps[1].get("use_regex", True):
-            raise ValueError(f"{path}: ByteLevel after Split must have use_regex=false")
+            raise UserError(f"{path}: ByteLevel after Split must have use_regex=false")
         steps = steps[1:]
     if len(steps) != 1 or steps[0].get("type") != "ByteLevel":
-        raise ValueError(f"{path}: pre_tokenizer {pre.get('type')!r} is not supported "
+        raise UserError(f"{path}: pre_tokenizer {pre.get('type')!r} is not supported "
                          "(expected ByteLevel, or Split then ByteLevel)")
     if steps[0].get("add_prefix_space"):
-        raise ValueError(f"{path}: pre_tokenizer ByteLevel add_prefix_space=true is not supported")
+        raise UserError(f"{path}: pre_tokenizer ByteLevel add_prefix_space=true is not supported")
     if not has_split and not steps[0].get("use_regex", True):
-        raise ValueError(f"{path}: pre_tokenizer ByteLevel use_regex=false without a Split is not "
+        raise UserError(f"{path}: pre_tokenizer ByteLevel use_regex=false without a Split is not "
                          "supported (it does not split words)")
 
     char_to_byte = {c: b for b, c in byte_level_alphabet().items()}
@@ -377,7 +450,7 @@ def tokenizer_from_hf_json(path: str | Path):
     plain_added = [t["content"] for t in d.get("added_tokens", [])
                    if not t.get("special") and t["content"] not in model["vocab"]]
     if plain_added:
-        raise ValueError(f"{path}: non-special added tokens {plain_added[:3]} are not supported")
+        raise UserError(f"{path}: non-special added tokens {plain_added[:3]} are not supported")
     ranks: dict[bytes, int] = {}
     for token, i in model["vocab"].items():
         if token in specials:
@@ -385,16 +458,16 @@ def tokenizer_from_hf_json(path: str | Path):
         try:
             ranks[bytes(char_to_byte[c] for c in token)] = i
         except KeyError:
-            raise ValueError(f"{path}: token {token!r} is not byte-level encoded") from None
+            raise UserError(f"{path}: token {token!r} is not byte-level encoded") from None
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} single-byte tokens are missing (e.g. byte {missing[0]})")
+        raise UserError(f"{path}: {len(missing)} single-byte tokens are missing (e.g. byte {missing[0]})")
     last = -1
     for merge in model.get("merges", []):
         a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
         rank = model["vocab"].get(a + b)
         if rank is None or rank <= last:
-            raise ValueError(f"{path}: merge {a!r} + {b!r} does not produce a token with a larger id "
+            raise UserError(f"{path}: merge {a!r} + {b!r} does not produce a token with a larger id "
                              "than the previous merge; tiktoken needs ids in merge order")
         last = rank
     return Tokenizer(ranks, pattern, specials, name=path.parent.name or "hf",
@@ -415,21 +488,50 @@ def _end_of_text(folder: Path, specials: dict[str, int]) -> str:
     return next((name for name in END_OF_TEXT_NAMES if name in specials), "<|endoftext|>")
 
 
-def load_hf_tokenizer(path: str | Path):
-    """The tokenizer of a Hugging Face folder (`tokenizer.json`, else a SentencePiece
-    `tokenizer.model`), or of one of those files directly."""
-    from .tokenizer import SentencePieceTokenizer
+def _read_tokenizer_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: not a tokenizer.json (expected a JSON object)")
+    return d
 
+
+def _sentencepiece_style(d: dict) -> bool:
+    """True for a SentencePiece tokenizer converted by transformers (LLaMA-2's tokenizer.json):
+    spaces become '\u2581' in its pre-tokenizer (Metaspace) or its normalizer."""
+    steps = json.dumps([d.get("pre_tokenizer"), d.get("normalizer")], ensure_ascii=False)
+    return "Metaspace" in steps or "\u2581" in steps
+
+
+def load_hf_tokenizer(path: str | Path):
+    """The tokenizer of a Hugging Face folder, or of its `tokenizer.json` / `tokenizer.model`.
+
+    A folder's byte-level `tokenizer.json` is read as such. A folder that also holds a SentencePiece
+    `tokenizer.model` (LLaMA-2: its tokenizer.json is a Metaspace conversion) is read from that
+    model, so the ids are SentencePiece's own."""
     path = Path(path)
     if path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            return tokenizer_from_hf_json(path / "tokenizer.json")
-        if (path / "tokenizer.model").is_file():
-            return SentencePieceTokenizer.from_file(path / "tokenizer.model")
-        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
+        json_file, spm_file = path / "tokenizer.json", path / "tokenizer.model"
+        if spm_file.is_file() and (not json_file.is_file()
+                                   or _sentencepiece_style(_read_tokenizer_json(json_file))):
+            return _sentencepiece_file(spm_file)
+        if json_file.is_file():
+            return tokenizer_from_hf_json(json_file)
+        raise UserError(f"{path}: no tokenizer.json or tokenizer.model")
     if path.suffix == ".model":
-        return SentencePieceTokenizer.from_file(path)
+        return _sentencepiece_file(path)
     return tokenizer_from_hf_json(path)
+
+
+def _sentencepiece_file(path: Path) -> SentencePieceTokenizer:
+    if not path.is_file():
+        raise UserError(f"SentencePiece model not found: {path}")
+    try:
+        return SentencePieceTokenizer.from_file(path)
+    except RuntimeError as e:  # sentencepiece's parse error
+        raise UserError(f"{path}: not a SentencePiece model ({e})") from None
 
 
 def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes] | None:
@@ -459,7 +561,7 @@ def tokenizer_to_hf_json(tok) -> dict:
         if len(token) > 1:
             pair = _merge_of(token, tok.mergeable_ranks)
             if pair is None:
-                raise ValueError(f"token {token!r} cannot be built by merges; no tokenizer.json form")
+                raise UserError(f"token {token!r} cannot be built by merges; no tokenizer.json form")
             merges.append([text(pair[0]), text(pair[1])])
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for s, i in sorted(tok.special_tokens.items(),
@@ -483,8 +585,6 @@ def tokenizer_to_hf_json(tok) -> dict:
 def save_hf_tokenizer(tok, folder: str | Path) -> None:
     """Write `tok` into a Hugging Face folder: tokenizer.json for BPE, tokenizer.model for
     SentencePiece, plus a tokenizer_config.json naming its end-of-text token."""
-    from .tokenizer import SentencePieceTokenizer
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model_max_length": 1_000_000}

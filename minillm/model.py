@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UserError
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 IGNORE_INDEX = -100
@@ -444,15 +447,40 @@ def save_model(path, model: GPT, tokenizer: Tokenizer | None = None, extra: dict
     os.replace(tmp, path)
 
 
+def load_torch_file(path, map_location="cpu", expected: str = "a minillm checkpoint", mmap=False):
+    """`torch.load` with `weights_only=True` (tensors and plain data, never code). `mmap` maps zip
+    files; pre-zip files (`_use_new_zipfile_serialization=False`) cannot be mapped and are read
+    whole. A file that is not such a checkpoint is a `UserError` naming the file and `expected`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (expected {expected})")
+    zipped = zipfile.is_zipfile(path)
+    with open(path, "rb") as f:
+        pickled = f.read(1) == b"\x80"  # a pickle's protocol opcode starts pre-zip files
+    if not zipped and not pickled:
+        raise UserError(f"{path}: not a PyTorch file (neither a zip archive nor a pickle); "
+                        f"expected {expected}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipped)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: holds Python objects other than tensors and plain data, which "
+                        f"minillm does not load; expected {expected}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+        reason = str(e).split(". ")[0] or type(e).__name__
+        raise UserError(f"{path}: a damaged or truncated PyTorch file ({reason}); "
+                        f"expected {expected}") from None
+
+
 def load_model(path, device="cpu"):
     """(model, tokenizer or None, extra) from a file written by `save_model`, or from a training
     checkpoint (`ckpt_*.pt`). Loaded with `weights_only=True`: tensors and plain data, never code."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
-    blob = torch.load(path, map_location=device, weights_only=True)
+    what = "a minillm model (save_model) or training checkpoint (ckpt_*.pt)"
+    blob = load_torch_file(path, map_location=device, expected=what)
     fmt = blob.get("format") if isinstance(blob, dict) else None
     if fmt not in ("minillm.model", "minillm.train"):
-        raise ValueError(f"{path}: not a minillm model or training checkpoint")
+        raise UserError(f"{path}: a PyTorch file, but not {what}")
     config = blob["config"] if fmt == "minillm.model" else blob["model_config"]
     model = GPT(ModelConfig(**config)).to(device)
     model.load_state_dict(blob["model"])
@@ -461,4 +489,4 @@ def load_model(path, device="cpu"):
 
 
 __all__ = ["ModelConfig", "PRESETS", "preset", "Masks", "ModelOutput", "Norm", "Attention",
-           "DenseFFN", "Block", "GPT", "KVCache", "save_model", "load_model"]
+           "DenseFFN", "Block", "GPT", "KVCache", "save_model", "load_model", "load_torch_file"]

@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from minillm.errors import UserError  # noqa: E402
 from minillm.hf import load_hf, save_hf  # noqa: E402
 from minillm.model import GPT, ModelConfig  # noqa: E402
 
@@ -116,7 +117,7 @@ def test_load_to_dtype(tmp_path):
 # --- bad input ---------------------------------------------------------------------------------------
 
 def test_bad_inputs_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json not found"):
+    with pytest.raises(UserError, match="config.json not found"):
         load_hf(tmp_path)
     ref = hf_model("llama", LLAMA_CASES["mha"])
     ref.save_pretrained(tmp_path)
@@ -129,21 +130,23 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture model_type='mistral'"):
         load_hf(tmp_path)
     with_config(hidden_act="gelu")
-    with pytest.raises(ValueError, match="config field hidden_act='gelu' is not supported"):
+    with pytest.raises(UserError, match=r"config field hidden_act='gelu' is not supported by minillm "
+                       r"\(supported: 'silu'\)$"):
         load_hf(tmp_path)
     with_config(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
     with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
         load_hf(tmp_path)
     with_config(intermediate_size=81)
-    with pytest.raises(ValueError, match=r"shape mismatch for 'model.layers.0.mlp.(gate|up|down)_proj.weight': checkpoint"):
+    with pytest.raises(UserError, match=r"tensor 'model.layers.0.mlp.(gate|up|down)_proj.weight' has shape "
+                       r"\(\d+, \d+\), config.json implies"):
         load_hf(tmp_path)
     with_config()
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:len(data) // 2])
-    with pytest.raises(ValueError, match="truncated safetensors file"):
+    with pytest.raises(UserError, match="model.safetensors: not a valid safetensors file .* truncated"):
         load_hf(tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(UserError, match="no model.safetensors"):
         load_hf(tmp_path)
 
 
@@ -261,23 +264,8 @@ def test_unsupported_tokenizer_json_is_refused(tmp_path):
     with pytest.raises(ValueError, match="model type 'WordPiece'"):
         load_hf_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+    with pytest.raises(UserError, match="no tokenizer.json or tokenizer.model"):
         load_hf_tokenizer(tmp_path)
-
-
-def test_written_safetensors_load_in_the_safetensors_package(tmp_path):
-    from safetensors.torch import load_file
-
-    from minillm.safetensors_io import iter_tensors, save_file
-
-    tensors = {"a": torch.randn(3, 5), "b": torch.randn(4).to(torch.bfloat16),
-               "c": torch.arange(6, dtype=torch.int64).view(2, 3), "empty": torch.zeros(0, 2),
-               "flag": torch.tensor([True, False])}
-    save_file(tensors, tmp_path / "t.safetensors")
-    theirs = load_file(tmp_path / "t.safetensors")
-    ours = dict(iter_tensors(tmp_path / "t.safetensors"))
-    for name, t in tensors.items():
-        assert torch.equal(theirs[name], t) and torch.equal(ours[name], t)
 
 
 def test_minillm_tokenizer_exports_to_tokenizer_json_with_equal_ids(tmp_path, docs):
@@ -343,14 +331,3 @@ def test_continued_pretraining_from_a_hf_folder(tmp_path, docs):
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(ref(x).logits.view(-1, tok.vocab_size), y.view(-1))
     assert history[0]["loss"] == pytest.approx(expected.item(), abs=1e-5)
-
-
-def test_safetensors_offsets_must_match_shapes(tmp_path):
-    import struct
-
-    from minillm.safetensors_io import read_header
-
-    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 0]}}).encode()
-    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
-    with pytest.raises(ValueError, match=r"tensor 'w' has data_offsets \[0, 0\] but .* need 16 bytes"):
-        read_header(tmp_path / "bad.safetensors")
