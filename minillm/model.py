@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -454,9 +453,10 @@ def load_torch_file(path, map_location="cpu", expected: str = "a minillm checkpo
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found (expected {expected})")
-    zipped = zipfile.is_zipfile(path)
     with open(path, "rb") as f:
-        pickled = f.read(1) == b"\x80"  # a pickle's protocol opcode starts pre-zip files
+        start = f.read(4)
+    zipped = start == b"PK\x03\x04"  # torch.save's zip archive
+    pickled = start[:1] == b"\x80"  # a pickle's protocol opcode starts pre-zip files
     if not zipped and not pickled:
         raise UserError(f"{path}: not a PyTorch file (neither a zip archive nor a pickle); "
                         f"expected {expected}")

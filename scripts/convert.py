@@ -6,7 +6,8 @@
 A folder as `--source` is read as Hugging Face (GPT2LMHeadModel or LlamaForCausalLM, with its
 tokenizer.json or tokenizer.model) and written as one self-contained minillm checkpoint (weights,
 config, tokenizer). A file as `--source` (a `save_model` file or a training `ckpt_*.pt`) is written
-as a Hugging Face folder that `transformers` loads: config.json, model.safetensors, tokenizer.
+as a Hugging Face folder that `transformers` loads: config.json, model.safetensors, tokenizer, and
+the tokenizer's bos / eos ids in config.json.
 """
 
 import sys
@@ -17,8 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm.cli import parse_config  # noqa: E402
-from minillm.hf import load_hf, load_hf_tokenizer, save_hf, save_hf_tokenizer  # noqa: E402
+from minillm.errors import UserError, run_main  # noqa: E402
+from minillm.hf import load_hf, load_hf_tokenizer, save_hf  # noqa: E402
 from minillm.model import load_model, save_model  # noqa: E402
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -32,26 +36,32 @@ class ConvertConfig:
 def main(argv=None):
     cfg = parse_config(ConvertConfig, argv, description=__doc__)
     if not cfg.source or not cfg.dest:
-        sys.exit("both --source and --dest are required")
+        raise UserError("both --source and --dest are required (see --help)")
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    source = Path(cfg.source)
+    source, dest = Path(cfg.source), Path(cfg.dest)
+    if not source.exists():
+        raise UserError(f"--source {source}: no such file or folder")
     if source.is_dir():
+        if dest.is_dir():
+            raise UserError(f"--dest {dest} is a folder; a Hugging Face folder converts to one "
+                            "checkpoint file (e.g. --dest out/model.pt)")
         model = load_hf(source, dtype=dtype)
-        try:
-            tok = load_hf_tokenizer(source)
-        except FileNotFoundError:
-            tok = None
+        has_tokenizer = (source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file()
+        tok = load_hf_tokenizer(source) if has_tokenizer else None
+        if tok is None:
             print(f"note: {source} has no tokenizer; the checkpoint will carry none")
-        Path(cfg.dest).parent.mkdir(parents=True, exist_ok=True)
-        save_model(cfg.dest, model, tok)
-        print(f"{source} -> {cfg.dest} ({model.num_params() / 1e6:.1f}M parameters)")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        save_model(dest, model, tok)
+        print(f"{source} -> {dest} ({model.num_params() / 1e6:.1f}M parameters)")
     else:
+        if dest.is_file():
+            raise UserError(f"--dest {dest} is a file; a checkpoint converts to a Hugging Face folder")
         model, tok, _ = load_model(source)
-        save_hf(model, cfg.dest, dtype=dtype)
-        if tok is not None:
-            save_hf_tokenizer(tok, cfg.dest)
-        print(f"{source} -> {cfg.dest} (Hugging Face layout)")
+        save_hf(model, dest, dtype=dtype, tokenizer=tok)
+        print(f"{source} -> {dest} (Hugging Face layout)")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
