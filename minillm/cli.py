@@ -48,11 +48,25 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
 
 
-def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
-    """Parse `argv` (default: sys.argv) into an instance of dataclass `cls`."""
+def _parser(cls, description: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(parser, cls)
+    return parser
+
+
+def given_fields(cls, argv: list[str] | None = None) -> set[str]:
+    """Names of the fields of `cls` whose flags appear in `argv` (default: sys.argv), whatever
+    their values: a resumed run keeps its saved settings except for these."""
+    parser = _parser(cls, None)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
+    """Parse `argv` (default: sys.argv) into an instance of dataclass `cls`."""
+    parser = _parser(cls, description)
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None
               or typing.get_origin(typing.get_type_hints(cls)[k]) is not list}
     return cls(**values)

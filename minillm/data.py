@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .errors import UserError
+from .model import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
 MAGIC = b"MLLMTOKS"
@@ -41,7 +43,7 @@ HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQQq")  # magic, version, itemsize, num_tokens, vocab_size, eot_id
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad or unusable data; the message names the file and what was expected."""
 
 
@@ -296,6 +298,21 @@ def _dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def window_offsets(dataset: TokenDataset, block_size: int) -> np.ndarray:
+    """(num_shards + 1,) cumulative window counts: window k of shard s covers tokens
+    [k*T, k*T + T + 1) of that shard, so global window i lies in shard s where
+    offsets[s] <= i < offsets[s + 1]."""
+    counts = np.array([max(len(s) - 1, 0) // block_size for s in dataset.shards], dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(counts)])
+
+
+def window(dataset: TokenDataset, block_size: int, offsets: np.ndarray, window_id: int) -> np.ndarray:
+    """The `block_size + 1` tokens of global window `window_id`."""
+    shard = int(np.searchsorted(offsets, window_id, side="right")) - 1
+    start = (window_id - int(offsets[shard])) * block_size
+    return dataset.shards[shard][start:start + block_size + 1]
+
+
 class TokenLoader:
     """Windows of `block_size + 1` tokens from a `TokenDataset`, epoch by epoch, split over ranks.
 
@@ -315,9 +332,7 @@ class TokenLoader:
         self.dataset, self.block_size, self.batch_size = dataset, block_size, batch_size
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.device = torch.device(device)
-        # Window k of shard s covers tokens [k*T, k*T + T + 1) of that shard.
-        counts = np.array([max(len(s) - 1, 0) // block_size for s in dataset.shards], dtype=np.int64)
-        self.window_offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.window_offsets = window_offsets(dataset, block_size)
         num_windows = int(self.window_offsets[-1])
         self.windows_per_rank = num_windows // world_size
         if self.windows_per_rank == 0:
@@ -342,9 +357,7 @@ class TokenLoader:
         return self._order
 
     def _window(self, window_id: int) -> np.ndarray:
-        shard = int(np.searchsorted(self.window_offsets, window_id, side="right")) - 1
-        start = (window_id - int(self.window_offsets[shard])) * self.block_size
-        return self.dataset.shards[shard][start:start + self.block_size + 1]
+        return window(self.dataset, self.block_size, self.window_offsets, window_id)
 
     def next_windows(self, n: int) -> np.ndarray:
         """The next `n` windows of this rank's stream, shape (n, block_size + 1), int64."""
@@ -389,16 +402,34 @@ def to_batch(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, t
     return x.contiguous().to(device), y.contiguous().to(device)
 
 
-def eval_batches(dataset: TokenDataset, block_size: int, batch_size: int, max_batches: int | None = None,
-                 rank: int | None = None, world_size: int | None = None,
-                 device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The same evaluation batches every time: windows in file order, split over ranks, at most
-    `max_batches` batches (default: one pass over the split)."""
-    loader = TokenLoader(dataset, block_size, batch_size, shuffle=False, rank=rank,
-                         world_size=world_size, device=device)
-    n = loader.windows_per_rank // batch_size
-    for _ in range(n if max_batches is None else min(n, max_batches)):
-        yield loader.next_batch()
+def eval_batches(dataset: TokenDataset, block_size: int, batch_size: int,
+                 max_windows: int | None = None, rank: int | None = None,
+                 world_size: int | None = None, device: str | torch.device = "cpu"
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The same evaluation windows every time, whatever the number of processes: the first
+    `max_windows` windows of the split in file order (default: all of them), dealt out in turn
+    (window i to rank i % world_size) and batched by `batch_size`. Yields (x, y, rows): the last
+    batch of a rank may be short. Every rank yields the same number of batches, since a sharded
+    (FSDP) forward pass is a collective: a rank whose share has run out gets a one-row batch whose
+    targets are all IGNORE_INDEX and `rows` 0. Summing `loss * rows` over the batches of all ranks
+    and dividing by the number of windows gives the same mean as one process."""
+    if rank is None or world_size is None:
+        rank, world_size = _dist_rank_world()
+    offsets = window_offsets(dataset, block_size)
+    total = int(offsets[-1]) if max_windows is None else min(int(offsets[-1]), max_windows)
+    if total == 0:
+        raise DataError(f"{dataset.paths[0].parent}: no evaluation window of {block_size + 1} "
+                        f"tokens (the split holds {dataset.num_tokens} tokens)")
+    mine = np.arange(rank, total, world_size)
+    batches_per_rank = -(-(-(-total // world_size)) // batch_size)  # ceil(ceil(total / W) / B)
+    for b in range(batches_per_rank):
+        ids = mine[b * batch_size:(b + 1) * batch_size]
+        rows = len(ids)
+        windows = np.stack([window(dataset, block_size, offsets, int(i)) for i in (ids if rows else [0])])
+        x, y = to_batch(windows.astype(np.int64), torch.device(device))
+        if rows == 0:
+            y = torch.full_like(y, IGNORE_INDEX)
+        yield x, y, rows
 
 
 # --- mixtures -----------------------------------------------------------------------------------

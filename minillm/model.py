@@ -113,7 +113,7 @@ PRESETS = {
 def preset(name: str, **overrides) -> ModelConfig:
     """A named configuration, with any field overridden."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 

@@ -86,8 +86,14 @@ class Tokenizer:
     def encode(self, text: str, allowed_special: Iterable[str] | str = ()) -> list[int]:
         """Token ids of `text`. A special token's string in `text` raises ValueError unless allowed
         (`allowed_special="all"` allows every special token)."""
-        allowed = allowed_special if allowed_special == "all" else set(allowed_special)
-        return self.encoding.encode(text, allowed_special=allowed, disallowed_special="all")
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        for special in self.special_tokens:
+            if special not in allowed and special in text:
+                raise ValueError(
+                    f"text contains the special token {special!r}: pass "
+                    f"allowed_special={{{special!r}}} (or \"all\") to Tokenizer.encode to encode it "
+                    "as that token, or use encode_ordinary to encode it as plain text")
+        return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text` treating special-token strings as plain text (for raw corpora)."""

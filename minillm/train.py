@@ -5,6 +5,12 @@ Read `Trainer.train` top to bottom: one step is `grad_accum / world_size` micro-
 (so the global batch does not depend on the number of processes), the model's loss plus its
 auxiliary losses, gradient clipping, one optimizer step. Methods plug in through callbacks
 (`on_step_start`, `on_step_end`, `on_eval`, `on_checkpoint`) instead of copying the loop.
+
+The loop never waits for the GPU except on log, eval and checkpoint steps (as nanoGPT): losses stay
+on the device until a log step reads them all at once. A step whose loss or gradient norm is not
+finite is skipped on the device (fused AdamW's `found_inf`: no update, no moment change, no step
+count), counted, and the run stops once more than `max_skipped_steps` were skipped; a checkpoint is
+never written from a non-finite state.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from .data import MixtureLoader, TokenDataset, TokenLoader, eval_batches, parse_domains
+from .data import DataError, MixtureLoader, TokenDataset, TokenLoader, eval_batches, parse_domains
 from .distributed import DistInfo
+from .errors import UserError
 from .model import GPT, ModelConfig, load_model, preset
 from .tokenizer import load_tokenizer
 
@@ -86,7 +93,65 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={"help": "shard with FSDP2 instead of DDP"})
     activation_checkpointing: bool = field(default=False, metadata={
         "help": "recompute block activations in backward (saves memory)"})
+    max_skipped_steps: int = field(default=10, metadata={
+        "help": "steps with a non-finite loss or gradient norm that are skipped (no update) before "
+                "the run stops; 0 stops at the first"})
     progress: bool = True
+
+    def validate(self) -> None:
+        """Raise `UserError` naming the first flag out of range, before anything is written."""
+        positive = ("block_size", "batch_size", "grad_accum", "max_steps", "log_interval",
+                    "eval_batches")
+        non_negative = ("warmup_steps", "eval_interval", "ckpt_interval", "keep_checkpoints",
+                        "grad_clip", "weight_decay", "max_skipped_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
+        for name in ("n_layer", "n_head", "n_embd"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise UserError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("min_lr_ratio", "decay_fraction", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other: pass one of them")
+        if not self.data:
+            raise UserError("--data: pass at least one dataset folder")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# Fields a resumed run may change (logged when they do). The others fix the model, the data stream
+# or the random state, so that a changed value could not continue the saved run.
+CHANGEABLE_ON_RESUME = frozenset({
+    "out_dir", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction",
+    "weight_decay", "beta1", "beta2", "grad_clip", "log_interval", "eval_interval", "eval_batches",
+    "ckpt_interval", "keep_checkpoints", "resume", "overwrite", "device", "compile", "fsdp",
+    "activation_checkpointing", "max_skipped_steps", "progress"})
+
+
+def resume_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """The config a script should resume with: the latest checkpoint's training config, with the
+    fields the user set explicitly (`given`, e.g. from `cli.given_fields`) laid over it. Without a
+    readable checkpoint, `cfg` itself (the Trainer then decides whether starting is safe)."""
+    _, state, _ = latest_checkpoint(Path(cfg.out_dir), quiet=True)
+    if state is None:
+        return cfg
+    saved = {f.name: state["train_config"][f.name] for f in dataclasses.fields(TrainConfig)
+             if f.name in state["train_config"]}
+    saved.update(resume=True, overwrite=False)
+    return TrainConfig(**{**saved, **{name: getattr(cfg, name) for name in given}})
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -104,17 +169,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
             return cfg.lr
         progress = (step - decay_start) / max(cfg.max_steps - decay_start, 1)
         return cfg.lr + (min_lr - cfg.lr) * min(progress, 1.0)
-    raise ValueError(f"schedule must be cosine or wsd, got {cfg.schedule!r}")
+    raise UserError(f"--schedule must be cosine or wsd, got {cfg.schedule!r}")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
     """AdamW. Matrices (dim >= 2: linear weights, embeddings) get weight decay; biases and norm
-    gains (dim 1) do not: shrinking them towards 0 only fights the normalisation."""
+    gains (dim 1) do not: shrinking them towards 0 only fights the normalisation. Fused (one
+    kernel for all parameters, on the CPU too), which also lets the trainer skip a non-finite step
+    on the device through the optimizer's `found_inf` tensor."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
@@ -126,17 +192,39 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def latest_checkpoint(out_dir: Path) -> tuple[Path, dict] | tuple[None, None]:
-    """The newest checkpoint in `out_dir` that loads, skipping damaged ones (with a message)."""
+def latest_checkpoint(out_dir: Path, quiet: bool = False
+                      ) -> tuple[Path | None, dict | None, list[str]]:
+    """(path, state, problems): the newest checkpoint in `out_dir` that loads, skipping damaged
+    ones (each named in `problems`, and printed unless `quiet`); (None, None, problems) if none."""
+    problems = []
     for path in sorted(out_dir.glob("ckpt_*.pt"), reverse=True):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged file: fall back to the one before it
-            print(f"skipping unreadable checkpoint {path}: {e}")
-            continue
-        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-            return path, state
-    return None, None
+            problems.append(f"{path.name}: unreadable ({type(e).__name__}: damaged, truncated or "
+                            "not a torch file)")
+        else:
+            if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+                return path, state, problems
+            problems.append(f"{path.name}: not a minillm training checkpoint")
+        if not quiet:
+            print(f"skipping unreadable checkpoint {problems[-1]}")
+    return None, None, problems
+
+
+def _check_dataset_folder(path: Path) -> None:
+    """A dataset folder made by prepare_data.py, or a one-line error that says what to do."""
+    if not path.exists():
+        raise DataError(f"data folder {path} does not exist: make it with scripts/prepare_data.py "
+                        "(or pass --data PATH)")
+    if path.is_dir() and not (path / "meta.json").is_file():
+        raw = [p.name for p in path.iterdir() if p.suffix in (".txt", ".jsonl", ".json", ".md")]
+        hint = (f"it holds raw text ({', '.join(sorted(raw)[:3])}): run scripts/prepare_data.py on "
+                "it first" if raw else "run scripts/prepare_data.py first")
+        raise DataError(f"{path} is not a prepared dataset (no meta.json): {hint}")
+    if not (path / "tokenizer.json").is_file():
+        raise DataError(f"{path}: no tokenizer.json beside the shards (was prepare_data.py "
+                        "interrupted?)")
 
 
 # --- the trainer -----------------------------------------------------------------------------------
@@ -148,20 +236,30 @@ class Trainer:
     calls (DDP and / or torch.compile around it). `self.loader` is a `MixtureLoader` over the
     domains of `cfg.data` (one domain is a mixture of one); callbacks may change its weights.
     `model_transform` (GPT -> GPT) runs on the fresh model before the optimizer is built: methods
-    use it to swap modules, e.g. dense FFNs for MoE layers."""
+    use it to swap modules, e.g. dense FFNs for MoE layers.
+
+    Everything the flags and data can get wrong is checked here, before anything is written. With
+    `resume`, the model is rebuilt from the checkpoint's own config; a field of `cfg` outside
+    `CHANGEABLE_ON_RESUME` that differs from the checkpoint's is an error."""
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo, callbacks: list | None = None,
                  model_config: ModelConfig | None = None, model_transform=None):
+        cfg.validate()
         self.cfg, self.dist, self.callbacks = cfg, dist, list(callbacks or [])
         if cfg.grad_accum % dist.world_size:
-            raise ValueError(f"grad_accum {cfg.grad_accum} must be a multiple of the number of "
-                             f"processes {dist.world_size}")
+            raise UserError(f"--grad-accum {cfg.grad_accum} must be a multiple of the number of "
+                            f"processes {dist.world_size}")
         self.accum = cfg.grad_accum // dist.world_size
         self.out_dir = Path(cfg.out_dir)
         self.device = dist.device
         self._build_data()
+        resume_path, resume_state = self._find_resume_state() if cfg.resume else (None, None)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        if cfg.init_from:
+        if resume_state is not None:  # the checkpoint's own model, whatever the flags say
+            self._check_resume_config(resume_path, resume_state["train_config"])
+            model_config = ModelConfig(**resume_state["model_config"])
+            self.model = GPT(model_config).to(self.device)
+        elif cfg.init_from:
             self.model = self._load_initial_model(cfg.init_from).float().to(self.device)
         else:
             if model_config is None:
@@ -169,6 +267,8 @@ class Trainer:
                 model_config = preset(cfg.preset, vocab_size=self.tokenizer.vocab_size,
                                       block_size=cfg.block_size, dropout=cfg.dropout, **sizes)
             self.model = GPT(model_config).to(self.device)
+        self._check_model_fits_data()
+        self._check_out_dir()  # the first thing that may write (delete, with --overwrite)
         if model_transform is not None:  # e.g. replace FFNs by MoE layers, before the optimizer
             self.model = model_transform(self.model).to(self.device)
         self.model.activation_checkpointing = cfg.activation_checkpointing
@@ -180,10 +280,12 @@ class Trainer:
             fully_shard(self.model)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.step = 0
+        # Non-finite steps skipped so far, and the latest one; device tensors, read on log steps.
+        self.skipped_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self.last_skipped_step = torch.zeros((), dtype=torch.long, device=self.device)
         self.checkpoint_path = None
-        self._check_out_dir()
-        if cfg.resume:
-            self._resume()
+        if resume_state is not None:
+            self._load_state(resume_path, resume_state)
         self.wrapped = self.model
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
@@ -201,31 +303,50 @@ class Trainer:
             model = load_hf(source)
         else:
             model = load_model(source)[0]
-        if self.tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the data's tokenizer has {self.tokenizer.vocab_size} ids but "
-                             f"{source} has {model.config.vocab_size} embeddings: prepare the data "
-                             "with the model's tokenizer (prepare_data.py --tokenizer)")
-        if self.cfg.block_size > model.config.block_size and model.config.position == "learned":
-            raise ValueError(f"--block-size {self.cfg.block_size} exceeds the {model.config.block_size} "
-                             f"positions of {source}")
         return model.train()
 
+    def _check_model_fits_data(self) -> None:
+        config, source = self.model.config, self.cfg.init_from or f"--preset {self.cfg.preset}"
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise UserError(f"the data's tokenizer has {self.tokenizer.vocab_size} ids but the model "
+                            f"({source}) has {config.vocab_size} embeddings: prepare the data with "
+                            "the model's tokenizer (prepare_data.py --tokenizer)")
+        if self.cfg.block_size > config.block_size and config.position == "learned":
+            raise UserError(f"--block-size {self.cfg.block_size} exceeds the {config.block_size} "
+                            f"positions of the model ({source})")
+
     def _build_data(self) -> None:
+        """Loaders for every domain, checked up front: a dataset folder made by prepare_data.py,
+        one tokenizer for all domains, shards within its vocabulary, at least one batch of
+        training windows and (when evaluating) one validation window."""
         cfg, dist = self.cfg, self.dist
         domains = parse_domains(cfg.data)
         self.tokenizer = None
         loaders, weights, self.val = {}, {}, {}
         for name, (path, weight) in domains.items():
+            _check_dataset_folder(Path(path))
             tok = load_tokenizer(Path(path) / "tokenizer.json")
             if self.tokenizer is None:
                 self.tokenizer, first = tok, path
             elif tok.to_dict() != self.tokenizer.to_dict():
-                raise ValueError(f"{path} was tokenized with another tokenizer than {first}: "
-                                 "all domains must share one")
-            loaders[name] = TokenLoader(TokenDataset(path, "train"), cfg.block_size, cfg.batch_size,
-                                        seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-                                        device=self.device)
-            self.val[name] = TokenDataset(path, "val")
+                raise UserError(f"{path} was tokenized with another tokenizer than {first}: "
+                                "all domains must share one")
+            loaders[name] = TokenLoader(TokenDataset(path, "train", vocab_size=tok.vocab_size),
+                                        cfg.block_size, cfg.batch_size, seed=cfg.seed,
+                                        rank=dist.rank, world_size=dist.world_size, device=self.device)
+            if loaders[name].windows_per_rank < cfg.batch_size:
+                raise DataError(f"{path}: the train split gives {loaders[name].windows_per_rank} "
+                                f"window(s) of {cfg.block_size + 1} tokens per process, fewer than "
+                                f"--batch-size {cfg.batch_size}")
+            if cfg.eval_interval:
+                try:
+                    self.val[name] = TokenDataset(path, "val", vocab_size=tok.vocab_size)
+                    next(eval_batches(self.val[name], cfg.block_size, 1, max_windows=1,
+                                      rank=0, world_size=1))
+                except DataError as e:
+                    raise DataError(f"{e}; --eval-interval {cfg.eval_interval} needs a validation "
+                                    "split: prepare the data with --val-fraction > 0, or pass "
+                                    "--eval-interval 0") from None
             weights[name] = weight
         self.loader = MixtureLoader(loaders, weights, cfg.batch_size, seed=cfg.seed)
 
@@ -249,6 +370,7 @@ class Trainer:
         the full tensors end up on rank 0 (on the CPU)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = {"format": CHECKPOINT_FORMAT, "step": self.step,
+                 "skipped_steps": int(self.skipped_steps),
                  "model": get_model_state_dict(self.model, options=options),
                  "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
                  "loader": self._per_rank(self.loader.state_dict()),
@@ -259,7 +381,21 @@ class Trainer:
             state["cuda_rng"] = self._per_rank(torch.cuda.get_rng_state(self.device))
         return state
 
+    def _parameters_finite(self) -> bool:
+        """Whether every parameter is finite on every rank (one reduction; local shards under FSDP)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        finite = torch.stack([torch.isfinite(p).all() for p in local]).all().to(torch.int32)
+        if self.dist.enabled:
+            torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
+        return bool(finite)
+
     def save(self) -> Path:
+        """Write `ckpt_<step>.pt` atomically (rank 0) and keep the newest `keep_checkpoints`. Never
+        from a non-finite state: the skipped-step limit and the parameters are checked first."""
+        self._check_skipped_steps()
+        if not self._parameters_finite():
+            raise FloatingPointError(f"a parameter is not finite at step {self.step}; stopping "
+                                     f"without saving. {self._last_good()}")
         path = self.out_dir / f"ckpt_{self.step:07d}.pt"
         state = self.state_dict()  # on every rank: gathering a sharded model is collective
         if self.dist.is_main:
@@ -274,15 +410,22 @@ class Trainer:
         self._callback("on_checkpoint", path)
         return path
 
+    def _last_good(self) -> str:
+        return (f"The last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path
+                else "No checkpoint was written yet")
+
+    def _earlier_run(self) -> list[Path]:
+        return sorted(self.out_dir.glob("ckpt_*.pt")) + sorted(self.out_dir.glob("metrics.jsonl"))
+
     def _check_out_dir(self) -> None:
         """A fresh run never mixes with an earlier one in the same out_dir: refuse, unless resuming
         (continue it) or overwriting (delete its checkpoints and metrics)."""
-        earlier = list(self.out_dir.glob("ckpt_*.pt")) + list(self.out_dir.glob("metrics.jsonl"))
+        earlier = self._earlier_run()
         if not earlier or self.cfg.resume:
             return
         if not self.cfg.overwrite:
-            raise FileExistsError(f"{self.out_dir} holds an earlier run ({earlier[0].name}); pass "
-                                  "--resume true to continue it or --overwrite true to start over")
+            raise UserError(f"{self.out_dir} holds an earlier run ({earlier[0].name}); pass "
+                            "--resume true to continue it or --overwrite true to start over")
         if self.dist.enabled:
             torch_dist.barrier()  # every rank has looked before rank 0 deletes
         if self.dist.is_main:
@@ -291,25 +434,52 @@ class Trainer:
         if self.dist.enabled:
             torch_dist.barrier()
 
-    def _resume(self) -> None:
-        """Load the newest good checkpoint (each rank reads the file: multi-node runs need a
-        shared file system for `out_dir`)."""
-        path, state = latest_checkpoint(self.out_dir)
+    def _find_resume_state(self) -> tuple[Path | None, dict | None]:
+        """The newest good checkpoint (each rank reads the file: multi-node runs need a shared file
+        system for `out_dir`). An out_dir with an earlier run but no loadable checkpoint is an
+        error that touches nothing: starting over must be asked for with --overwrite."""
+        path, state, problems = latest_checkpoint(self.out_dir, quiet=not self.dist.is_main)
         if path is None:
-            print(f"--resume: no checkpoint in {self.out_dir}, starting from step 0")
-            self._truncate_metrics()
-            return
+            earlier = self._earlier_run()
+            if earlier:
+                found = "; ".join(problems) if problems else "no checkpoint, only metrics.jsonl"
+                raise UserError(f"--resume: {self.out_dir} holds an earlier run but no checkpoint "
+                                f"that loads ({found}); nothing was changed. Pass --overwrite true "
+                                "(without --resume) to start over")
+            if self.dist.is_main:
+                print(f"--resume: no checkpoint in {self.out_dir}, starting from step 0")
+        return path, state
+
+    def _check_resume_config(self, path: Path, saved: dict) -> None:
+        """Fields that fix the model, the data stream or the random state must match the
+        checkpoint's; the others (`CHANGEABLE_ON_RESUME`) may change, and each change is printed."""
+        for f in dataclasses.fields(self.cfg):
+            if f.name not in saved:
+                continue
+            mine = getattr(self.cfg, f.name)
+            theirs = saved[f.name]
+            if mine == theirs:
+                continue
+            if f.name not in CHANGEABLE_ON_RESUME:
+                raise UserError(f"--{_flag(f.name)} {mine!r} contradicts the run being resumed "
+                                f"({path} has {theirs!r}); drop the flag, or start a new run in "
+                                "another --out-dir")
+            if self.dist.is_main and f.name not in ("resume", "overwrite", "progress", "out_dir"):
+                print(f"resume: --{_flag(f.name)} changes from {theirs!r} to {mine!r}")
+
+    def _load_state(self, path: Path, state: dict) -> None:
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, state["model"], options=options)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         if len(state["loader"]) != self.dist.world_size:
-            raise ValueError(f"{path} was written by {len(state['loader'])} process(es); resuming it "
-                             f"exactly needs the same number, not {self.dist.world_size}")
+            raise UserError(f"{path} was written by {len(state['loader'])} process(es); resuming "
+                            f"it exactly needs the same number, not {self.dist.world_size}")
         self.loader.load_state_dict(state["loader"][self.dist.rank])
         torch.set_rng_state(state["rng"][self.dist.rank])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"][self.dist.rank], self.device)
         self.step = state["step"]
+        self.skipped_steps.fill_(state.get("skipped_steps", 0))
         self.checkpoint_path = path
         self._truncate_metrics()
         if self.dist.is_main:
@@ -332,34 +502,36 @@ class Trainer:
             os.replace(tmp, path)
 
     def log(self, record: dict) -> None:
+        """Append `record` to metrics.jsonl as strict JSON: a non-finite number is written as null."""
         if self.dist.is_main:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                     for k, v in record.items()}
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(clean, allow_nan=False) + "\n")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss and perplexity on the fixed validation windows of every domain; `val_loss` is
-        their unweighted mean."""
+        """Loss and perplexity on the fixed validation windows of every domain (the first
+        `eval_batches * batch_size` of each val split, the same set for any number of processes);
+        `val_loss` is the unweighted mean over domains."""
         self.model.eval()
         result = {"step": self.step}
+        max_windows = self.cfg.eval_batches * self.cfg.batch_size
         for name, dataset in self.val.items():
-            losses = []
-            for x, y in eval_batches(dataset, self.cfg.block_size, self.cfg.batch_size,
-                                     self.cfg.eval_batches, self.dist.rank, self.dist.world_size,
-                                     self.device):
+            total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, windows
+            for x, y, rows in eval_batches(dataset, self.cfg.block_size, self.cfg.batch_size,
+                                           max_windows, self.dist.rank, self.dist.world_size,
+                                           self.device):
                 with self.autocast:
-                    losses.append(self.model(x, y).loss.float())
-            if not losses:
-                raise ValueError(f"domain {name!r}: the val split holds fewer than batch_size "
-                                 f"({self.cfg.batch_size}) windows of {self.cfg.block_size + 1} "
-                                 "tokens per rank; raise val_fraction when preparing, or set "
-                                 "--eval-interval 0")
-            loss = torch.stack(losses).mean()
+                    loss = self.model(x, y).loss.float()
+                if rows:  # every window has block_size targets: the batch mean times its rows
+                    total += torch.stack([loss.double() * rows, loss.new_tensor(rows).double()])
             if self.dist.enabled:
-                torch_dist.all_reduce(loss, op=torch_dist.ReduceOp.AVG)
-            result[f"val_loss/{name}"] = loss.item()
-            result[f"val_ppl/{name}"] = math.exp(loss.item())
+                torch_dist.all_reduce(total)
+            loss_sum, windows = total.tolist()
+            result[f"val_loss/{name}"] = loss_sum / windows
+            result[f"val_ppl/{name}"] = math.exp(min(loss_sum / windows, 700.0))
         domain_losses = [v for k, v in result.items() if k.startswith("val_loss/")]
         result["val_loss"] = sum(domain_losses) / len(domain_losses)
         self.model.train()
@@ -378,11 +550,36 @@ class Trainer:
             return contextlib.nullcontext()
         return self.wrapped.no_sync()
 
+    def _clip_gradients(self) -> torch.Tensor:
+        """The global gradient norm (before clipping), as a device tensor; clips to `grad_clip`."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+            norm = norm.full_tensor()
+        return norm.float()
+
+    def _check_skipped_steps(self) -> None:
+        """Stop once more than `max_skipped_steps` steps were non-finite (reads device counters)."""
+        skipped = int(self.skipped_steps)
+        if skipped > self.cfg.max_skipped_steps:
+            raise FloatingPointError(
+                f"{skipped} step(s) had a non-finite loss or gradient norm (the latest: step "
+                f"{int(self.last_skipped_step)}), more than --max-skipped-steps "
+                f"{self.cfg.max_skipped_steps}; their updates were skipped and the run stops "
+                f"without saving. {self._last_good()}. Lower --lr or raise --warmup-steps")
+
     # --- the loop ---
     def train(self) -> list[dict]:
+        """Train to `max_steps`; returns one record per step (loss, lr, grad_norm, auxiliary
+        losses; on log steps also tokens_per_s, mfu, skipped_steps). `on_step_end` callbacks get the
+        record while its numbers are still 0-dim device tensors: `float()` one if needed (that
+        waits for the device); the trainer turns them into floats on the next log step."""
         cfg = self.cfg
         self.model.train()
-        history = []
+        history, pending = [], []  # pending: this log interval's records, numbers on the device
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum  # over all processes
         flops_per_token = self.model.flops_per_token(cfg.block_size)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", mininterval=1.0,
@@ -393,51 +590,57 @@ class Trainer:
             lr = lr_at(self.step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            total_loss = torch.zeros((), device=self.device)
-            aux_totals: dict[str, float] = {}
+            loss = torch.zeros((), device=self.device)
+            aux: dict[str, torch.Tensor] = {}
             for micro in range(self.accum):
                 x, y, _ = self.loader.next_batch()
                 with self._grad_sync(micro == self.accum - 1), self.autocast:
                     out = self.wrapped(x, y)
-                    loss = out.loss + sum(out.aux_losses.values())
-                    (loss / self.accum).backward()
-                total_loss += out.loss.detach() / self.accum
+                    total = out.loss + sum(out.aux_losses.values())
+                    (total / self.accum).backward()
+                loss += out.loss.detach().float() / self.accum
                 for name, value in out.aux_losses.items():
-                    aux_totals[name] = aux_totals.get(name, 0.0) + value.item() / self.accum
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                         if cfg.grad_clip > 0 else torch.zeros(()))
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                grad_norm = grad_norm.full_tensor()
+                    aux[name] = aux.get(name, 0.0) + value.detach().float() / self.accum
+            grad_norm = self._clip_gradients()
             if self.dist.enabled:
-                torch_dist.all_reduce(total_loss, op=torch_dist.ReduceOp.AVG)
-            loss_value = total_loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"loss is {loss_value} at step {self.step}; stopping without saving. The last "
-                    f"good checkpoint is {self.checkpoint_path or 'none (no checkpoint yet)'}")
+                torch_dist.all_reduce(loss, op=torch_dist.ReduceOp.AVG)
+            # Skip a non-finite step on the device, without waiting for it: fused AdamW leaves
+            # parameters, moments and its step count alone where found_inf is 1 (as under GradScaler).
+            # loss and grad_norm are the same on every rank, so every rank skips alike.
+            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            self.optimizer.found_inf = bad.float()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += bad
+            self.last_skipped_step = torch.where(bad, self.step + 1, self.last_skipped_step)
             self.step += 1
-            record = {"step": self.step, "loss": loss_value, "lr": lr,
-                      "grad_norm": float(grad_norm), **aux_totals}
+            record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **aux}
             history.append(record)
+            pending.append(record)
             self._callback("on_step_end", record)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                self._read_numbers(pending)  # the one wait for the device in a log interval
+                pending = []
                 elapsed = time.perf_counter() - t0
                 record["tokens_per_s"] = tokens_per_step * (self.step - last_logged) / max(elapsed, 1e-9)
-                line = (f"step {self.step:>6} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                        f"grad norm {float(grad_norm):.3f} | {record['tokens_per_s']:,.0f} tok/s")
+                record["skipped_steps"] = int(self.skipped_steps)
+                line = (f"step {self.step:>6} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+                        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
                 if self.peak_flops:
                     record["mfu"] = (flops_per_token * record["tokens_per_s"]
                                      / (self.peak_flops * self.dist.world_size))
                     line += f" | MFU {100 * record['mfu']:.1f}%"
+                if record["skipped_steps"]:
+                    line += f" | {record['skipped_steps']} non-finite step(s) skipped"
                 t0, last_logged = time.perf_counter(), self.step
                 self.log(record)
                 if self.dist.is_main:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
                     bar.write(line)
+                self._check_skipped_steps()
             if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
+                self._check_skipped_steps()
                 result = self.evaluate()
                 if self.dist.is_main:
                     bar.write(f"step {self.step:>6} | val loss " + " | ".join(
@@ -446,3 +649,12 @@ class Trainer:
                 self.save()
         bar.close()
         return history
+
+    @staticmethod
+    def _read_numbers(records: list[dict]) -> None:
+        """Replace the device tensors in `records` by floats, with one transfer."""
+        slots = [(r, k) for r in records for k, v in r.items() if isinstance(v, torch.Tensor)]
+        if slots:
+            values = torch.stack([r[k].float() for r, k in slots]).tolist()
+            for (r, k), v in zip(slots, values):
+                r[k] = v

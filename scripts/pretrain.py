@@ -4,9 +4,12 @@
     python scripts/pretrain.py --preset tiny-gpt --max-steps 300
     torchrun --nproc_per_node=8 scripts/pretrain.py --preset gpt2 --block-size 1024 \\
         --batch-size 16 --grad-accum 32 --data data/web --out-dir out/gpt2
-    python scripts/pretrain.py --resume true                        # continue the latest checkpoint
+    python scripts/pretrain.py --out-dir out/gpt2 --resume true     # continue the latest checkpoint
 
-Every field of minillm.train.TrainConfig is a flag (see --help).
+Every field of minillm.train.TrainConfig is a flag (see --help). `--resume true` continues with the
+settings saved in the checkpoint: flags given with it override them where that is safe (such as
+`--max-steps` or `--lr`, each change printed); a flag that would change the model, the data stream
+or the random state is refused by name.
 """
 
 import sys
@@ -14,12 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm import distributed  # noqa: E402
-from minillm.cli import parse_config  # noqa: E402
-from minillm.train import TrainConfig, Trainer  # noqa: E402
+from minillm.cli import given_fields, parse_config  # noqa: E402
+from minillm.errors import run_main  # noqa: E402
+from minillm.train import TrainConfig, Trainer, resume_config  # noqa: E402
 
 
-def main():
-    cfg = parse_config(TrainConfig, description=__doc__)
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, description=__doc__)
+    if cfg.resume:  # the saved run's settings, except for the flags given now
+        cfg = resume_config(cfg, given_fields(TrainConfig, argv))
     dist = distributed.setup(cfg.device)
     try:
         Trainer(cfg, dist).train()
@@ -28,4 +34,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

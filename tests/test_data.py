@@ -197,11 +197,17 @@ def test_ranks_split_each_epoch_without_overlap(tmp_path):
 
 def test_eval_batches_are_fixed(tmp_path):
     ds = arange_dataset(tmp_path, 1001)
-    a = [x for x, _ in eval_batches(ds, 10, 8, rank=0, world_size=1)]
-    b = [x for x, _ in eval_batches(ds, 10, 8, max_batches=3, rank=0, world_size=1)]
-    assert len(a) == 12 and len(b) == 3
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
-    assert a[0][:, 0].tolist() == list(range(0, 80, 10))
+    a = [(x, rows) for x, _, rows in eval_batches(ds, 10, 8, rank=0, world_size=1)]
+    b = [(x, rows) for x, _, rows in eval_batches(ds, 10, 8, max_windows=24, rank=0, world_size=1)]
+    assert [rows for _, rows in a] == [8] * 12 + [4] and [rows for _, rows in b] == [8] * 3
+    assert all(torch.equal(p, q) for (p, _), (q, _) in zip(a, b))
+    assert a[0][0][:, 0].tolist() == list(range(0, 80, 10))
+    # 3 ranks, 8 windows: rank 0 gets windows 0, 3, 6; rank 2 only 2 and 5, yet both yield two
+    # batches; a batch with no window left is one row whose targets are all ignored.
+    ranks = [list(eval_batches(ds, 10, 2, max_windows=8, rank=r, world_size=3)) for r in range(3)]
+    assert [[rows for _, _, rows in r] for r in ranks] == [[2, 1], [2, 1], [2, 0]]
+    assert ranks[0][1][0][:, 0].tolist() == [60]
+    assert (ranks[2][1][1] == -100).all()
 
 
 # --- mixtures ------------------------------------------------------------------------------------

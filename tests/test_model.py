@@ -230,5 +230,5 @@ def test_bad_configs_are_refused():
         ModelConfig(n_head=4, n_kv_head=3)
     with pytest.raises(ValueError, match="activation must be one of"):
         ModelConfig(activation="tanh")
-    with pytest.raises(KeyError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown preset"):
         preset("gpt5")

@@ -9,6 +9,7 @@ import torch
 from minillm.corpus import stdlib_docstrings
 from minillm.data import TokenDataset, parse_domains, prepare
 from minillm.distributed import DistInfo
+from minillm.errors import UserError
 from minillm.model import GPT, load_model, preset
 from minillm.tokenizer import train_bpe
 from minillm.train import PEAK_BF16_FLOPS, TrainConfig, Trainer, latest_checkpoint, lr_at, peak_flops
@@ -92,15 +93,16 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(data_dir, tmp_p
         trainer.save()
     monkeypatch.undo()
     (tmp_path / "ckpt_0000004.pt").with_name("ckpt_0000005.pt").write_bytes(b"garbage")  # damaged
-    path, state = latest_checkpoint(tmp_path)
+    path, state, _ = latest_checkpoint(tmp_path)
     assert path.name == "ckpt_0000004.pt" and state["step"] == 4
 
 
 def test_nan_loss_stops_with_a_clear_message(data_dir, tmp_path):
-    trainer = Trainer(config(data_dir, tmp_path, max_steps=3), DistInfo())
+    trainer = Trainer(config(data_dir, tmp_path, max_steps=3, log_interval=1, max_skipped_steps=1),
+                      DistInfo())
     with torch.no_grad():
         trainer.model.lm_head.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="loss is nan at step 0.*no checkpoint yet"):
+    with pytest.raises(FloatingPointError, match="2 step.*latest: step 2.*No checkpoint was written"):
         trainer.train()
 
 
@@ -113,6 +115,14 @@ def test_ddp_two_processes_match_single_process_accumulation(data_dir, tmp_path)
     ddp_state = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
     for name, p in single.model.state_dict().items():
         torch.testing.assert_close(ddp_state[name], p, atol=1e-5, rtol=1e-4)
+    # Evaluation sees the same windows whatever the number of processes: the 2-rank run's
+    # validation loss equals one process evaluating the same weights.
+    ddp_val = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+               if "val_loss" in line][-1]["val_loss"]
+    single.model.load_state_dict(ddp_state)
+    single.val = {"data": TokenDataset(data_dir, "val")}
+    single.cfg.eval_batches = 3
+    assert single.evaluate()["val_loss"] == pytest.approx(ddp_val, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -191,7 +201,7 @@ def test_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    path, state = latest_checkpoint(tmp_path)
+    path, state, _ = latest_checkpoint(tmp_path)
     assert path is not None and state["w"].numel() == 25_000_000
     assert list(tmp_path.glob("*.tmp")) or path.name != "ckpt_0000001.pt"  # killed mid-write
 
@@ -203,7 +213,7 @@ def test_two_ranks_two_domains_resume_exactly(data_dir, tmp_path):
 
 def test_a_fresh_run_refuses_an_earlier_runs_folder(data_dir, tmp_path):
     Trainer(config(data_dir, tmp_path, max_steps=2, ckpt_interval=2), DistInfo()).train()
-    with pytest.raises(FileExistsError, match="holds an earlier run.*--resume true.*--overwrite true"):
+    with pytest.raises(UserError, match="holds an earlier run.*--resume true.*--overwrite true"):
         Trainer(config(data_dir, tmp_path, max_steps=2), DistInfo())
     fresh = Trainer(config(data_dir, tmp_path, max_steps=1, ckpt_interval=1, overwrite=True), DistInfo())
     assert not list(tmp_path.glob("ckpt_0000002.pt"))

@@ -1,4 +1,5 @@
-"""torchrun worker: train a few steps with DDP and save the final parameters (rank 0)."""
+"""torchrun worker: train a few steps with DDP (evaluating at the end) and save the final
+parameters (rank 0)."""
 
 import sys
 
@@ -10,7 +11,8 @@ from minillm.train import TrainConfig, Trainer
 data, out = sys.argv[1], sys.argv[2]
 dist = distributed.setup("cpu")
 cfg = TrainConfig(data=[data], out_dir=out, preset="tiny-gpt", block_size=16, batch_size=2,
-                  grad_accum=4, max_steps=3, warmup_steps=1, eval_interval=0, ckpt_interval=0,
+                  grad_accum=4, max_steps=3, warmup_steps=1, eval_interval=1000, eval_batches=3,
+                  ckpt_interval=0,
                   progress=False)
 trainer = Trainer(cfg, dist)
 trainer.train()
