@@ -1,8 +1,8 @@
 """Hugging Face checkpoints in and out: `GPT2LMHeadModel` and `LlamaForCausalLM`, exactly.
 
     model = load_hf("path/to/llama-folder", dtype=torch.bfloat16, device="cuda")
-    save_hf(model, "path/to/out")          # transformers' from_pretrained loads it, same logits
     tok = load_hf_tokenizer("path/to/llama-folder")
+    save_hf(model, "path/to/out", tokenizer=tok)  # transformers' from_pretrained loads it, same logits
 
 Loading builds the model on the meta device (no memory, no initialisation), then reads the
 checkpoint one tensor at a time, converts it (GPT-2's Conv1D weights are stored transposed and its
@@ -182,10 +182,12 @@ def _convert_llama(name: str, t: torch.Tensor, cfg: ModelConfig) -> list[tuple[s
 
 
 def _safetensors_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one safetensors file, each copied out of the file's memory map. Closing the
-    file before the next shard is read keeps resident memory at the weights plus one shard."""
+    """The tensors of one safetensors file, one at a time. `pread` reads each tensor's bytes into
+    the memory that becomes the tensor: the load costs one copy of the weights, and the model does
+    not depend on the file afterwards (the default memory map would leave CPU weights backed by
+    the file's pages, and hold a shard's pages resident while converting dtypes)."""
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt", backend="pread") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
     except SafetensorError as e:
@@ -347,6 +349,9 @@ def special_token_ids(tok) -> dict[str, int | None]:
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the library writes mode 0600; give it an ordinary file's mode
     os.replace(tmp, path)
 
 

@@ -238,3 +238,13 @@ def test_save_hf_writes_the_tokenizers_bos_and_eos(tmp_path, docs):
     save_hf(model, tmp_path / "no-tokenizer")  # ids unknown: null, never a default of transformers
     config = AutoConfig.from_pretrained(tmp_path / "no-tokenizer")
     assert (config.bos_token_id, config.eos_token_id) == (None, None)
+
+
+def test_saved_shards_have_an_ordinary_files_mode(tmp_path):
+    import stat
+
+    model = GPT(ModelConfig(**MINILLM_CASES["llama-gqa"]))
+    save_hf(model, tmp_path, max_shard_bytes=30_000)
+    mode = stat.S_IMODE((tmp_path / "config.json").stat().st_mode)  # as the umask allows
+    shards = list(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and all(stat.S_IMODE(p.stat().st_mode) == mode for p in shards)
