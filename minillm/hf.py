@@ -77,6 +77,17 @@ def _rope(hf: dict, source: str) -> tuple[float, dict | None]:
 
 def config_from_hf(hf: dict, source: str = CONFIG) -> ModelConfig:
     """A minillm config from a Hugging Face `config.json` dict."""
+    try:
+        return _config_from_hf(hf, source)
+    except KeyError as e:
+        raise UserError(f"{source}: config field {e.args[0]!r} is missing") from None
+    except UserError:
+        raise
+    except (ValueError, TypeError) as e:  # ModelConfig's own checks, or a field of the wrong type
+        raise UserError(f"{source}: {e}") from None
+
+
+def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type == "gpt2":
         _require(hf, "scale_attn_weights", {True}, source, True)

@@ -248,3 +248,16 @@ def test_saved_shards_have_an_ordinary_files_mode(tmp_path):
     mode = stat.S_IMODE((tmp_path / "config.json").stat().st_mode)  # as the umask allows
     shards = list(tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 1 and all(stat.S_IMODE(p.stat().st_mode) == mode for p in shards)
+
+
+def test_incomplete_config_is_named(tmp_path):
+    ref = hf_model("llama", LLAMA_CASES["mha"])
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"config.json: config field 'hidden_size' is missing$"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"config.json: not valid JSON"):
+        load_hf(tmp_path)
