@@ -261,3 +261,11 @@ def test_incomplete_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match=r"config.json: not valid JSON"):
         load_hf(tmp_path)
+
+
+def test_gpt2_tensor_names_without_the_transformer_prefix(tmp_path):
+    ref = hf_model("gpt2", GPT2_CASES["untied-odd-inner-relu"])
+    state = {k.removeprefix("transformer."): v for k, v in ref.state_dict().items()}  # old hub files
+    save_state(tmp_path, state, ref.config)
+    x = torch.randint(0, 101, (2, 24))
+    torch.testing.assert_close(logits(load_hf(tmp_path), x), logits(ref, x), atol=1e-4, rtol=1e-4)
