@@ -24,7 +24,8 @@ def evaluate_loss(model: GPT, dataset: TokenDataset, block_size: int, batch_size
                   rank: int | None = None, world_size: int | None = None) -> dict:
     """Mean next-token loss (nats), perplexity and, with a tokenizer, bits per byte: the summed
     loss in bits over the UTF-8 bytes of the predicted tokens (special tokens count 0 bytes), which
-    compares models with different tokenizers. Uses the fixed windows of `eval_batches`."""
+    compares models with different tokenizers. Uses the fixed windows of `eval_batches` (at most
+    `max_batches * batch_size` of them); with `rank` / `world_size`, this rank's share only."""
     device = model.wte.weight.device
     byte_len = None
     if tokenizer is not None:
@@ -33,7 +34,11 @@ def evaluate_loss(model: GPT, dataset: TokenDataset, block_size: int, batch_size
     was_training = model.training
     model.eval()
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
-    for x, y in eval_batches(dataset, block_size, batch_size, max_batches, rank, world_size, device):
+    max_windows = None if max_batches is None else max_batches * batch_size
+    for x, y, rows in eval_batches(dataset, block_size, batch_size, max_windows, rank, world_size,
+                                   device):
+        if rows == 0:  # this rank's share ran out (see eval_batches)
+            continue
         logits = model(x).logits.float()
         nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1),
                                                  reduction="sum")
@@ -43,8 +48,7 @@ def evaluate_loss(model: GPT, dataset: TokenDataset, block_size: int, batch_size
             total_bytes += int(byte_len[y].sum())
     model.train(was_training)
     if total_tokens == 0:
-        raise ValueError(f"no evaluation batch: the split has fewer than {batch_size} windows of "
-                         f"{block_size + 1} tokens")
+        raise ValueError(f"no evaluation window of {block_size + 1} tokens for this rank")
     loss = total_nats / total_tokens
     result = {"loss": loss, "perplexity": math.exp(loss), "tokens": total_tokens}
     if byte_len is not None:

@@ -15,6 +15,11 @@ Extension points, so that methods never patch internals:
   mask also makes every norm compute its statistics over the kept dimensions only, so that a masked
   model equals the model with those dimensions physically removed (Sheared-LLaMA).
 - `inputs_embeds` replaces the token embedding lookup (knowledge plugin); targets of -100 are ignored.
+- `model.mask_source`, when set, is a module called at the start of every forward pass that gets no
+  `masks`: it returns `(Masks, {name: loss})`, and its losses join `aux_losses`. Learned masks
+  (Sheared-LLaMA's hard-concrete masks) live there, so that the trainer's plain `model(x, y)`,
+  FSDP (they are parameters of the root module) and checkpoints (they are in the state dict) all
+  work without the trainer knowing about masks.
 """
 
 from __future__ import annotations
@@ -336,6 +341,7 @@ class GPT(nn.Module):
             # One matrix both embeds tokens and scores them (GPT-2; Press & Wolf 2017).
             self.lm_head.weight = self.wte.weight
         self.drop = nn.Dropout(cfg.dropout)
+        self.mask_source: nn.Module | None = None  # see the module docstring
         # Recompute each block's activations in the backward pass instead of storing them
         # (less memory, about one extra forward of compute). Set by the trainer.
         self.activation_checkpointing = False
@@ -404,12 +410,14 @@ class GPT(nn.Module):
             angles_BTD = position_ids[..., None].float() * self.inv_freq
             angles_BTD = torch.cat((angles_BTD, angles_BTD), dim=-1)
             rope = (angles_BTD.cos().to(x_BTd.dtype), angles_BTD.sin().to(x_BTd.dtype))
+        aux_losses: dict[str, torch.Tensor] = {}
+        if masks is None and self.mask_source is not None:
+            masks, mask_losses = self.mask_source()
+            aux_losses.update(mask_losses)
         hidden = masks.hidden if masks is not None else None
         if hidden is not None:
             x_BTd = x_BTd * hidden
         x_BTd = self.drop(x_BTd)
-
-        aux_losses: dict[str, torch.Tensor] = {}
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if checkpointing:

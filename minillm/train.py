@@ -176,10 +176,21 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     """AdamW. Matrices (dim >= 2: linear weights, embeddings) get weight decay; biases and norm
     gains (dim 1) do not: shrinking them towards 0 only fights the normalisation. Fused (one
     kernel for all parameters, on the CPU too), which also lets the trainer skip a non-finite step
-    on the device through the optimizer's `found_inf` tensor."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    on the device through the optimizer's `found_inf` tensor.
+
+    A submodule that defines `optimizer_groups(cfg) -> list[dict]` claims its own parameters: its
+    groups (no decay, `maximize=True` for a Lagrange multiplier, ...) are used as given; a group
+    with `own_lr: True` keeps its `lr` instead of following the schedule.
+    Groups follow module order, so a checkpoint's optimizer state maps back to the same groups."""
+    groups, claimed = [], set()
+    for module in model.modules():
+        if module is not model and hasattr(module, "optimizer_groups"):
+            for group in module.optimizer_groups(cfg):
+                groups.append(group)
+                claimed |= {id(p) for p in group["params"]}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}] + groups
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
@@ -589,7 +600,8 @@ class Trainer:
             self._callback("on_step_start")
             lr = lr_at(self.step, cfg)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                if not group.get("own_lr"):  # a claimed group may keep a constant lr of its own
+                    group["lr"] = lr
             loss = torch.zeros((), device=self.device)
             aux: dict[str, torch.Tensor] = {}
             for micro in range(self.accum):
