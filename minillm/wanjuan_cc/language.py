@@ -12,6 +12,7 @@ Users with a real language-ID model pass any callable `text -> (language, confid
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections import Counter
@@ -40,14 +41,32 @@ _SCRIPTS = [("cjk", ("CJK", "HIRAGANA", "KATAKANA")), ("hangul", ("HANGUL",)),
             ("latin", ("LATIN",))]
 
 
+_NOT_ASCII_LETTER = bytes(c for c in range(128) if not chr(c).isalpha())
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def script_of(ch: str) -> str | None:
+    """The script family of one character, None if it is not a letter."""
+    if not ch.isalpha():
+        return None
+    name = unicodedata.name(ch, "")
+    return next((fam for fam, keys in _SCRIPTS if name.startswith(keys)), "other")
+
+
 def script_shares(text: str, sample: int = 5000) -> dict[str, float]:
-    """Share of letters per script family in the first `sample` characters."""
+    """Share of letters per script family in the first `sample` characters. ASCII letters are
+    counted in bulk (bytes.translate); only non-ASCII characters are looked up, one per kind."""
+    head = text[:sample]
     counts: Counter = Counter()
-    for ch in text[:sample]:
-        if ch.isalpha():
-            name = unicodedata.name(ch, "")
-            family = next((fam for fam, keys in _SCRIPTS if name.startswith(keys)), "other")
-            counts[family] += 1
+    ascii_letters = len(head.encode("ascii", "ignore").translate(None, _NOT_ASCII_LETTER))
+    if ascii_letters:
+        counts["latin"] = ascii_letters
+    if not head.isascii():
+        for ch, n in Counter(_NON_ASCII.findall(head)).items():
+            family = script_of(ch)
+            if family:
+                counts[family] += n
     total = sum(counts.values())
     return {k: v / total for k, v in counts.items()} if total else {}
 
@@ -60,10 +79,11 @@ def identify(text: str, min_stopword_share: float = 0.05) -> tuple[str, float]:
     script, share = max(shares.items(), key=lambda kv: kv[1])
     if script != "latin":
         return script, share
-    words = [w.lower() for w in _WORD.findall(text[:20000])]
+    words = _WORD.findall(text[:20000].lower())
     if not words:
         return "unknown", 0.0
-    scores = {lang: sum(w in stops for w in words) / len(words) for lang, stops in STOP_WORDS.items()}
+    counts = Counter(words)
+    scores = {lang: sum(counts.get(w, 0) for w in stops) / len(words) for lang, stops in STOP_WORDS.items()}
     lang, best = max(scores.items(), key=lambda kv: kv[1])
     if best < min_stopword_share:
         return "unknown", best

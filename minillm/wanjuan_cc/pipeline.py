@@ -12,12 +12,23 @@ loads one band column (8 bytes a document), `clusters` only the verified pairs.
 
 Every output is written to a temporary name and renamed, and a `.done` marker is written last: a
 rerun skips completed shards and redoes interrupted ones from scratch, so an interrupted run ends
-with the same files as an uninterrupted one. `report.json` counts documents and words in and out of
-every stage, rejections per rule, and duplicate clusters.
+with the same files as an uninterrupted one.
+
+Nothing in the input stops the run, and nothing is lost without a count. A record that cannot be
+read, or a document on which a stage raises, is counted under `unreadable` with its reason, and
+`report.json` lists the files and first errors; with `strict` the run fails at the first such
+record instead. Per-document limits (size, nesting depth, CPU time; see `limits.py`) reject with
+their own reasons. The report balances: records read = kept + rejected + skipped + unreadable, each
+by reason (`skipped`: records that are not documents, such as requests, PDFs and redirects).
+
+Local workers (`workers` > 1) are one process pool for the whole run, fed shard by shard. Nothing
+here imports torch unless a quality model (classifier or perplexity) is asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
 import json
@@ -32,15 +43,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .extract import extract_text
+from ..errors import UserError
+from .extract import choose_encoding, extract_text
 from .language import LanguageFilter
+from .limits import CpuTimeLimit, DocumentLimit, nesting_depth
 from .minhash import MinHasher, UnionFind, band_hashes, jaccard_estimate, lsh_params
-from .quality import HashedNgramClassifier, PerplexityScorer
-from .read import Shard, list_shards, read_shard
+from .read import MAX_DOCUMENT_BYTES, Dropped, Shard, list_shards, read_shard
 from .rules import RuleSet
 from .safety import SafetyFilter, host_of
 
 STAGES = ("filter", "pairs", "clusters", "finish")
+MAX_ERRORS_KEPT = 20  # error details kept per shard for the report
+
+
+class InputError(UserError):
+    """Under `strict`: a record that cannot be read, named by file and place."""
 
 
 @dataclass
@@ -64,6 +81,14 @@ class PipelineConfig:
     fluency_model: str | None = field(default=None, metadata={"help": "HashedNgramClassifier: 1 = fluent"})
     perplexity_model: str | None = field(default=None, metadata={"help": "minillm checkpoint"})
     tokenizer: str | None = field(default=None, metadata={"help": "also write token shards"})
+    max_document_bytes: int = field(default=MAX_DOCUMENT_BYTES, metadata={
+        "help": "larger HTML / text documents are rejected (limit:size) without being held in memory"})
+    max_depth: int = field(default=512, metadata={
+        "help": "HTML nested deeper is rejected (limit:depth) before parsing (browsers cap the DOM at 512)"})
+    max_seconds: float = field(default=5.0, metadata={
+        "help": "CPU seconds one document may take in extract, language and rules (limit:time); 0: none"})
+    strict: bool = field(default=False, metadata={
+        "help": "fail on the first unreadable record or processing error instead of counting it"})
     rank: int | None = None
     world_size: int | None = None
     workers: int = field(default=1, metadata={"help": "local processes (when not launched as ranks)"})
@@ -99,10 +124,10 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _write_jsonl_gz(path: Path, records: list[dict]) -> None:
+def _write_jsonl_gz(path: Path, records: list[dict], level: int = 6) -> None:
     # mtime=0: identical content gives identical bytes, run after run
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-    _atomic_write(path, gzip.compress(payload, mtime=0))
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    _atomic_write(path, gzip.compress(payload.encode("utf-8", "replace"), level, mtime=0))
 
 
 def read_jsonl_gz(path: Path) -> list[dict]:
@@ -141,39 +166,81 @@ class Pipeline:
             time.sleep(1.0)
 
     # --- stage 1: filter ---
+    def _filter_document(self, record: dict) -> str | None:
+        """Extract, limits, language and rules for one document: None to keep it, else the reason.
+        Sets `text` (and `title`, `domain`, the language fields) on `record`."""
+        if "html" in record:
+            raw, content_type = record.pop("html"), record.pop("content_type", None)
+            encoding = choose_encoding(raw, content_type)
+            html = raw.decode(encoding, "replace") if encoding else None
+            if html is None:
+                try:
+                    html = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    html = raw.decode("cp1252", "replace")
+            scanned = raw if encoding is None or not encoding.startswith("utf-16") else html.encode()
+            if nesting_depth(scanned) > self.cfg.max_depth:
+                return "limit:depth"
+            record["text"], record["title"] = extract_text(html, backend=self.cfg.extractor)
+        url = record.get("url")
+        if isinstance(url, str) and url:
+            record["domain"] = host_of(url)
+        if not record["text"].strip():
+            return "extract:empty"
+        return self.language(record) or self.rules.apply(record)
+
     def filter_shard(self, index: int) -> None:
         shard: Shard = self.shards[index]
-        stats = {"shard": shard.name, "read": 0, "read_words": 0, "rejected": Counter()}
+        stats = {"shard": shard.name, "read": 0, "documents": 0, "read_words": 0, "rejected": Counter(),
+                 "skipped": Counter(), "unreadable": Counter(), "errors": []}
         kept = []
-        for record in read_shard(shard, self.cfg.text_field):
-            stats["read"] += 1
-            if "html" in record:
-                try:
-                    record["text"], record["title"] = extract_text(
-                        record.pop("html"), record.pop("content_type", None), self.cfg.extractor)
-                except Exception:  # noqa: BLE001 - a broken page must not stop the shard
-                    stats["rejected"]["extract:error"] += 1
+        with CpuTimeLimit(self.cfg.max_seconds) as limit:
+            for record in read_shard(shard, self.cfg.text_field, self.cfg.max_document_bytes):
+                stats["read"] += 1
+                if isinstance(record, Dropped):
+                    stats[record.kind][record.reason] += 1
+                    if record.kind == "unreadable":
+                        self._error(stats, record.reason, record.detail)
                     continue
-            record["text"] = str(record.get("text") or "")
-            stats["read_words"] += _words(record["text"])
-            if record.get("url"):
-                record["domain"] = host_of(record["url"])
-            reason = (("extract:empty" if not record["text"].strip() else None)
-                      or self.language(record) or self.rules.apply(record))
-            if reason:
-                stats["rejected"][reason] += 1
-                continue
-            kept.append(record)
+                stats["documents"] += 1
+                try:
+                    limit.start()
+                    reason = self._filter_document(record)
+                    limit.stop()
+                except DocumentLimit as e:
+                    limit.stop()
+                    reason = e.reason
+                except Exception as e:  # noqa: BLE001 - one page that breaks a stage costs that page
+                    limit.stop()
+                    if self.cfg.strict:
+                        raise
+                    reason = f"error:filter:{type(e).__name__}"
+                    self._error(stats, reason, f"{shard.name}: record {record.get('id')!r}: {e}")
+                    stats["unreadable"][reason] += 1
+                    continue
+                stats["read_words"] += _words(record.get("text", ""))
+                if reason:
+                    stats["rejected"][reason] += 1
+                else:
+                    kept.append(record)
         signatures = self.hasher.signatures([r["text"] for r in kept])
-        exact = np.array([int.from_bytes(hashlib.blake2b(r["text"].encode(), digest_size=8).digest(),
-                                         "little") for r in kept], dtype=np.uint64)
+        exact = np.array([int.from_bytes(hashlib.blake2b(r["text"].encode("utf-8", "replace"),
+                                                         digest_size=8).digest(), "little")
+                          for r in kept], dtype=np.uint64)
         bands = np.concatenate([band_hashes(signatures, self.bands, self.rows), exact[:, None]], axis=1)
         stats["kept"], stats["kept_words"] = len(kept), sum(_words(r["text"]) for r in kept)
-        _write_jsonl_gz(self.path("filter", index, ".jsonl.gz"), kept)
+        _write_jsonl_gz(self.path("filter", index, ".jsonl.gz"), kept, level=1)
         _save_npy(self.path("filter", index, ".sig.npy"), signatures)
         _save_npy(self.path("filter", index, ".bands.npy"), bands)
         _atomic_write(self.path("filter", index, ".stats.json"), json.dumps(stats).encode())
         _atomic_write(self.done("filter", index), b"")
+
+    def _error(self, stats: dict, reason: str, detail: str) -> None:
+        """Note an unreadable record; under `strict`, fail the run with it."""
+        if self.cfg.strict:
+            raise InputError(f"{detail} ({reason}; without --strict it is counted and skipped)")
+        if len(stats["errors"]) < MAX_ERRORS_KEPT:
+            stats["errors"].append({"reason": reason, "detail": detail})
 
     # --- stage 2: pairs ---
     def pairs_for_band(self, band: int) -> None:
@@ -230,30 +297,45 @@ class Pipeline:
         _atomic_write(self.out / "clusters" / "all.done", b"")
 
     # --- stage 4: finish ---
-    def _scorers(self):
-        ad = HashedNgramClassifier.load(self.cfg.ad_model) if self.cfg.ad_model else None
-        fluency = HashedNgramClassifier.load(self.cfg.fluency_model) if self.cfg.fluency_model else None
-        ppl = None
-        if self.cfg.perplexity_model:
-            from ..generate import LocalLM
-            from ..model import load_model
-            model, tok, _ = load_model(self.cfg.perplexity_model)
-            ppl = PerplexityScorer(LocalLM(model.eval(), tok))
-        blocked = (set(Path(self.cfg.blocked_domains).read_text().split())
-                   if self.cfg.blocked_domains else set())
-        keywords = json.loads(Path(self.cfg.blocked_keywords).read_text()) if self.cfg.blocked_keywords else None
+    @functools.cached_property
+    def scorers(self):
+        """(safety filter, ad classifier, fluency classifier, perplexity scorer), loaded once per
+        process. The quality models need torch, imported only when one is asked for."""
+        cfg = self.cfg
+        ad = fluency = ppl = None
+        if cfg.ad_model or cfg.fluency_model or cfg.perplexity_model:
+            from .quality import HashedNgramClassifier, PerplexityScorer  # torch: only when asked for
+            ad = HashedNgramClassifier.load(cfg.ad_model) if cfg.ad_model else None
+            fluency = HashedNgramClassifier.load(cfg.fluency_model) if cfg.fluency_model else None
+            if cfg.perplexity_model:
+                from ..generate import LocalLM
+                from ..model import load_model
+                model, tok, _ = load_model(cfg.perplexity_model)
+                ppl = PerplexityScorer(LocalLM(model.eval(), tok))
+        blocked = set(Path(cfg.blocked_domains).read_text().split()) if cfg.blocked_domains else set()
+        keywords = json.loads(Path(cfg.blocked_keywords).read_text()) if cfg.blocked_keywords else None
         return SafetyFilter(blocked, keywords), ad, fluency, ppl
 
     def finish_shard(self, index: int) -> None:
-        safety, ad, fluency, ppl = self._scorers()
+        safety, ad, fluency, ppl = self.scorers
         records = read_jsonl_gz(self.path("filter", index, ".jsonl.gz"))
         removed = set(np.load(self.path("clusters", index, ".removed.npy")).tolist())
-        stats = {"in": len(records), "duplicates": len(removed), "rejected": Counter()}
+        stats = {"in": len(records), "duplicates": len(removed), "rejected": Counter(),
+                 "unreadable": Counter(), "errors": []}
         out = []
         for row, record in enumerate(records):
             if row in removed:
                 continue
-            reason = safety(record)
+            try:
+                reason = safety(record)
+            except Exception as e:  # noqa: BLE001 - as in filter_shard: the record, not the run
+                if self.cfg.strict:
+                    raise
+                reason = f"error:safety:{type(e).__name__}"
+                stats["unreadable"][reason] += 1
+                if len(stats["errors"]) < MAX_ERRORS_KEPT:
+                    stats["errors"].append({"reason": reason, "detail": f"record {record.get('id')!r}: {e}"})
+                continue
             if reason:
                 stats["rejected"][reason] += 1
                 continue
@@ -283,46 +365,76 @@ class Pipeline:
         _atomic_write(self.done("final", index), b"")
 
     # --- driving the stages ---
-    def run_stage(self, stage: str, rank: int, world: int, progress: bool = False) -> None:
-        if stage == "filter":
-            todo = [k for k in range(rank, len(self.shards), world) if not self.done("filter", k).exists()]
-            for k in tqdm(todo, desc=f"filter (rank {rank})", disable=not progress):
-                self.filter_shard(k)
-        elif stage == "pairs":
+    def todo(self, stage: str, rank: int = 0, world: int = 1) -> list[int]:
+        """This rank's unfinished work items of `stage`: shard or band indices."""
+        if stage in ("filter", "finish"):
+            name = "filter" if stage == "filter" else "final"
+            return [k for k in range(rank, len(self.shards), world) if not self.done(name, k).exists()]
+        if stage == "pairs":
+            return [b for b in range(rank, self.bands + 1, world) if not self.done("pairs", b).exists()]
+        if stage == "clusters":
+            return [0] if rank == 0 and not (self.out / "clusters" / "all.done").exists() else []
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+
+    def wait_for(self, stage: str) -> None:
+        """Wait until the stage before `stage` is done on every rank."""
+        if stage == "pairs":
             self._wait([self.done("filter", k) for k in range(len(self.shards))])
-            for band in range(rank, self.bands + 1, world):
-                if not self.done("pairs", band).exists():
-                    self.pairs_for_band(band)
         elif stage == "clusters":
             self._wait([self.done("pairs", b) for b in range(self.bands + 1)])
-            if rank == 0 and not (self.out / "clusters" / "all.done").exists():
-                self.clusters()
         elif stage == "finish":
             self._wait([self.out / "clusters" / "all.done"])
-            todo = [k for k in range(rank, len(self.shards), world) if not self.done("final", k).exists()]
-            for k in tqdm(todo, desc=f"finish (rank {rank})", disable=not progress):
-                self.finish_shard(k)
-        else:
-            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+
+    def run_item(self, stage: str, index: int) -> None:
+        {"filter": self.filter_shard, "pairs": self.pairs_for_band, "finish": self.finish_shard,
+         "clusters": lambda _: self.clusters()}[stage](index)
+
+    def run_stage(self, stage: str, rank: int, world: int, progress: bool = False) -> None:
+        todo = self.todo(stage, rank, world)
+        self.wait_for(stage)
+        for k in tqdm(todo, desc=f"{stage} (rank {rank})", disable=not progress or len(todo) < 2):
+            self.run_item(stage, k)
 
     def report(self) -> dict:
-        """Aggregate the per-shard statistics into `report.json` (written when all shards are done)."""
+        """Aggregate the per-shard statistics into `report.json` (written when all shards are done).
+        read = kept + sum(rejected) + sum(skipped) + sum(unreadable), checked here."""
         filt = [json.loads(self.path("filter", k, ".stats.json").read_text()) for k in range(len(self.shards))]
         fin = [json.loads(self.path("final", k, ".stats.json").read_text()) for k in range(len(self.shards))]
-        rejected = Counter()
+        rejected, skipped, unreadable = Counter(), Counter(), Counter()
         for s in filt + fin:
             rejected.update(s["rejected"])
+            unreadable.update(s.get("unreadable", {}))
+        for s in filt:
+            skipped.update(s.get("skipped", {}))
+        duplicates = sum(s["duplicates"] for s in fin)
+        if duplicates:
+            rejected["duplicate"] += duplicates
+        errors = {}  # shard name -> the first errors met in it
+        for k, shard in enumerate(self.shards):
+            found = filt[k].get("errors", []) + fin[k].get("errors", [])
+            if found:
+                errors[shard.paths[0]] = found
+        read, kept = sum(s["read"] for s in filt), sum(s["out"] for s in fin)
+        accounted = kept + sum(rejected.values()) + sum(skipped.values()) + sum(unreadable.values())
+        if read != accounted:  # a bug in the bookkeeping, never the input's fault
+            raise AssertionError(f"report does not balance: read {read}, accounted for {accounted}")
         report = {
             "shards": len(self.shards),
+            "read": read,
+            "kept": kept,
+            "rejected": dict(sorted(rejected.items())),
+            "skipped": dict(sorted(skipped.items())),
+            "unreadable": dict(sorted(unreadable.items())),
+            "errors": errors,
             "stages": [
-                {"stage": "read", "docs": sum(s["read"] for s in filt), "words": sum(s["read_words"] for s in filt)},
+                {"stage": "read (records)", "docs": read},
+                {"stage": "documents", "docs": sum(s["documents"] for s in filt),
+                 "words": sum(s["read_words"] for s in filt)},
                 {"stage": "extract+language+rules", "docs": sum(s["kept"] for s in filt),
                  "words": sum(s["kept_words"] for s in filt)},
                 {"stage": "dedup", "docs": sum(s["in"] - s["duplicates"] for s in fin)},
-                {"stage": "safety (final)", "docs": sum(s["out"] for s in fin),
-                 "words": sum(s["out_words"] for s in fin)},
+                {"stage": "safety (final)", "docs": kept, "words": sum(s["out_words"] for s in fin)},
             ],
-            "rejected": dict(sorted(rejected.items())),
             "duplicates": json.loads((self.out / "clusters" / "summary.json").read_text()),
         }
         if self.cfg.tokenizer:
@@ -344,42 +456,69 @@ class Pipeline:
         _atomic_write(tokens_dir / "meta.json", json.dumps(meta, indent=2).encode())
 
 
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "none"
+
+
 def format_report(report: dict) -> str:
     lines = [f"{'stage':<26}{'documents':>12}{'words':>14}"]
     for s in report["stages"]:
         words = f"{s['words']:,}" if "words" in s else "-"
         lines.append(f"{s['stage']:<26}{s['docs']:>12,}{words:>14}")
-    lines.append("rejected: " + ", ".join(f"{k} {v}" for k, v in report["rejected"].items()))
+    lines.append(f"records: {report['read']:,} read = {report['kept']:,} kept + "
+                 f"{sum(report['rejected'].values()):,} rejected + {sum(report['skipped'].values()):,} "
+                 f"skipped + {sum(report['unreadable'].values()):,} unreadable")
+    for kind in ("rejected", "skipped", "unreadable"):
+        lines.append(f"{kind}: {_counts(report[kind])}")
+    for shard, errors in report["errors"].items():
+        lines.append(f"errors in {shard}: {errors[0]['detail']}"
+                     + (f" (and {len(errors) - 1} more in report.json)" if len(errors) > 1 else ""))
     d = report["duplicates"]
     lines.append(f"duplicates: {d['removed']} removed in {d['clusters']} clusters "
                  f"(largest {d['largest_cluster']})")
     return "\n".join(lines)
 
 
-def _run_rank(args) -> None:
-    cfg, stage, rank, world = args
-    Pipeline(cfg).run_stage(stage, rank, world, progress=rank == 0)
+# --- local workers: one pool for the run ----------------------------------------------------------------
+
+_worker_pipeline: Pipeline | None = None  # each pool worker's own Pipeline, built once
+
+
+def _init_worker(cfg: PipelineConfig) -> None:
+    global _worker_pipeline
+    _worker_pipeline = Pipeline(cfg)
+
+
+def _run_item(task: tuple[str, int]) -> None:
+    _worker_pipeline.run_item(*task)
 
 
 def run(cfg: PipelineConfig, before_stage: Callable[[str], None] | None = None) -> dict:
     """Run the requested stage(s). Launched as ranks (flags or environment), this process does its
-    share and waits for the others through files; otherwise `workers` local processes share each
-    stage. Returns the report once every shard is finished."""
+    share and waits for the others through files; otherwise `workers` local processes (one pool,
+    started once) share each stage item by item. Returns the report once every shard is finished."""
     pipeline = Pipeline(cfg)
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     launched = cfg.rank is not None or any(v in os.environ for v in ("RANK", "SLURM_PROCID",
                                                                     "SLURM_ARRAY_TASK_ID"))
-    for stage in stages:
-        if before_stage:
-            before_stage(stage)
-        if launched:
-            rank, world = rank_and_world(cfg)
-            pipeline.run_stage(stage, rank, world, progress=rank == 0)
-        elif cfg.workers > 1:
-            with get_context("spawn").Pool(cfg.workers) as pool:
-                pool.map(_run_rank, [(cfg, stage, r, cfg.workers) for r in range(cfg.workers)])
-        else:
-            pipeline.run_stage(stage, 0, 1, progress=True)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if not launched and cfg.workers > 1:
+            pool = stack.enter_context(get_context("spawn").Pool(cfg.workers, _init_worker, (cfg,)))
+        for stage in stages:
+            if before_stage:
+                before_stage(stage)
+            if launched:
+                rank, world = rank_and_world(cfg)
+                pipeline.run_stage(stage, rank, world, progress=rank == 0)
+            elif pool is not None and stage != "clusters":
+                pipeline.wait_for(stage)
+                todo = pipeline.todo(stage)
+                done = pool.imap_unordered(_run_item, [(stage, k) for k in todo])
+                for _ in tqdm(done, total=len(todo), desc=stage, disable=len(todo) < 2):
+                    pass
+            else:
+                pipeline.run_stage(stage, 0, 1, progress=True)
     if all(pipeline.done("final", k).exists() for k in range(len(pipeline.shards))):
         return pipeline.report()
     return {}
