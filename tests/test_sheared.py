@@ -218,3 +218,32 @@ def test_reference_losses_file_errors(tmp_path):
     with pytest.raises(UserError, match="reference loss of a is not a finite number"):
         load_reference_losses(path, ["a"])
     assert load_reference_losses(tmp_path / "ref.json", []) == {}
+
+
+def test_the_script_runs_at_a_tiny_size_and_resumes_by_stage(domains, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from minillm.model import load_model
+    spec = importlib.util.spec_from_file_location(
+        "sheared_script", Path(__file__).resolve().parents[1] / "scripts" / "sheared.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--out-dir", str(tmp_path), "--domains", f"a={domains / 'a'}", f"b={domains / 'b'}",
+            "--source-steps", "8", "--prune-steps", "6", "--prune-warmup", "3", "--continue-steps",
+            "4", "--block-size", "16", "--batch-size", "4", "--eval-interval", "2",
+            "--eval-batches", "1", "--target-n-layer", "2", "--target-n-head", "2",
+            "--target-n-embd", "32", "--target-ffn-hidden", "64"]
+    script.main(argv)
+    first = capsys.readouterr().out
+    pruned = load_model(tmp_path / "pruned.pt")[0].config
+    assert (pruned.n_layer, pruned.n_head, pruned.n_kv_head, pruned.n_embd, pruned.ffn_hidden) == (2, 2, 1, 32, 64)
+    for row in ("source", "sheared + DBL", "sheared, static mix", "magnitude pruned", "from scratch"):
+        assert f"\n{row} " in first
+    before = (tmp_path / "pruned.pt").stat().st_mtime_ns
+    script.main(argv)  # a second run into the same folder reuses the finished stages
+    second = capsys.readouterr().out
+    assert "--- source" not in second and "--- pruning" not in second
+    assert (tmp_path / "pruned.pt").stat().st_mtime_ns == before
+    with pytest.raises(UserError, match="target n_embd 999 does not fit"):
+        script.main(argv[:-8] + ["--target-n-embd", "999"])

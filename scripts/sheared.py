@@ -1,0 +1,248 @@
+"""Sheared-LLaMA at small scale: prune a trained model to a target shape with learned hard-concrete
+masks, compact it, continue training with dynamic batch loading, and compare with a naive pruning
+(weight magnitude) and a model of the same shape trained from scratch on the same number of tokens.
+
+    python scripts/sheared.py                               # minutes on a laptop CPU
+    python scripts/sheared.py --init-from path/to/hf-llama --target sheared-llama-1.3b \\
+        --block-size 4096 --batch-size 1 --grad-accum 64 --prune-steps 3200 --continue-steps 10000 \\
+        --fsdp true --domains web=data/web code=data/code ...     # under torchrun on a GPU node
+
+Stages (each leaves a file in --out-dir and is skipped when that file exists, so a killed run
+resumes at the stage it was in): the domains (three from the standard library by default:
+docstrings, library code, test code), the source model (trained, or --init-from), its per-domain
+losses as the reference for dynamic batch loading, pruning (`prune_steps`, masks and weights
+trained together, the target warmed up over `prune_warmup` steps), compaction, continued training.
+The baselines get `prune_steps + continue_steps` steps, so every model of the target shape has
+seen the same number of tokens after the source.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minillm import distributed  # noqa: E402
+from minillm.cli import parse_config  # noqa: E402
+from minillm.corpus import stdlib_docstrings  # noqa: E402
+from minillm.data import TokenDataset, parse_domains, prepare  # noqa: E402
+from minillm.errors import UserError, run_main  # noqa: E402
+from minillm.evaluate import evaluate_loss  # noqa: E402
+from minillm.model import GPT, load_model, save_model  # noqa: E402
+from minillm.sheared import (DynamicBatchLoading, PruningSchedule, ShearingMasks,  # noqa: E402
+                             TargetShape, compact, load_reference_losses, magnitude_masks)
+from minillm.tokenizer import train_bpe  # noqa: E402
+from minillm.train import TrainConfig, Trainer  # noqa: E402
+
+
+@dataclass
+class ShearedConfig:
+    out_dir: str = "out/sheared"
+    data_dir: str = field(default="data/sheared", metadata={
+        "help": "where the default domains are prepared (when --domains is not given)"})
+    domains: list[str] = field(default_factory=list, metadata={
+        "help": "prepared dataset folders as NAME=PATH; default: three standard-library domains"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "source model: a Hugging Face folder or a minillm checkpoint (else one is trained)"})
+    source_preset: str = "tiny-llama"
+    source_steps: int = 400
+    target: str | None = field(default=None, metadata={"help": "target shape from a preset, e.g. "
+                                                                "sheared-llama-1.3b"})
+    target_n_layer: int = 2
+    target_n_head: int = 2
+    target_n_embd: int = 64
+    target_ffn_hidden: int = 128
+    prune_steps: int = 150
+    prune_warmup: int = field(default=50, metadata={"help": "steps over which the target is reached"})
+    continue_steps: int = 250
+    mask_lr: float = 0.1
+    lambda_lr: float = 0.1
+    lr: float = 2e-3
+    block_size: int = 64
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_interval: int = field(default=25, metadata={"help": "dynamic batch loading updates every "
+                                                              "this many steps (m)"})
+    eval_batches: int = 8
+    dbl_eta: float = 1.0
+    reference: str | None = field(default=None, metadata={
+        "help": "JSON {domain: loss} of reference losses; default: the source model's losses"})
+    fsdp: bool = False
+    device: str = "auto"
+    seed: int = 0
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def stdlib_domains(data_dir: Path, max_chars: int = 1_500_000) -> list[str]:
+    """Three domains every Python installation carries: docstrings (English), library code and
+    test code (each source file cut into chunks of 40 lines), prepared with one tokenizer."""
+    import sysconfig
+    root = Path(sysconfig.get_paths()["stdlib"])
+
+    def chunks(paths):
+        total = 0
+        for path in paths:
+            lines = path.read_text(errors="replace").splitlines()
+            for i in range(0, len(lines), 40):
+                text = "\n".join(lines[i:i + 40]).strip()
+                if len(text) > 200:
+                    total += len(text)
+                    yield text
+                if total > max_chars:
+                    return
+
+    def capped(docs):
+        total = 0
+        for d in docs:
+            total += len(d)
+            yield d
+            if total > max_chars:
+                return
+
+    library = sorted(p for p in root.glob("*.py"))
+    tests = sorted((root / "test").glob("test_*.py"))
+    texts = {"docs": list(capped(stdlib_docstrings())), "code": list(chunks(library)),
+             "tests": list(chunks(tests))}
+    texts = {k: v for k, v in texts.items() if v}
+    if all((data_dir / name / "meta.json").is_file() for name in texts):
+        return [f"{name}={data_dir / name}" for name in texts]
+    tok = train_bpe([t for docs in texts.values() for t in docs[::3]], vocab_size=2048)
+    for name, docs in texts.items():
+        prepare(docs, tok, data_dir / name, val_fraction=0.05, progress=False)
+    return [f"{name}={data_dir / name}" for name in texts]
+
+
+def domain_losses(model: GPT, domains: list[str], cfg: ShearedConfig) -> dict[str, float]:
+    """Validation loss of `model` per domain on fixed windows (the same for every model)."""
+    return {name: evaluate_loss(model, TokenDataset(path, "val"), cfg.block_size, cfg.batch_size,
+                                cfg.eval_batches)["loss"]
+            for name, (path, _) in parse_domains(domains).items()}
+
+
+# --- stages -----------------------------------------------------------------------------------------
+
+def train(cfg: ShearedConfig, domains, name: str, steps: int, dist, **kw) -> Trainer:
+    train_cfg = TrainConfig(data=domains, out_dir=str(Path(cfg.out_dir) / name), max_steps=steps,
+                            block_size=cfg.block_size, batch_size=cfg.batch_size,
+                            grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=min(20, steps // 10),
+                            eval_interval=cfg.eval_interval if kw.pop("evaluate", False) else 0,
+                            eval_batches=cfg.eval_batches, ckpt_interval=steps, overwrite=True,
+                            log_interval=max(steps // 4, 1), fsdp=cfg.fsdp, seed=cfg.seed,
+                            progress=False, **kw.pop("train", {}))
+    print(f"--- {name}: {steps} steps")
+    trainer = Trainer(train_cfg, dist, **kw)
+    trainer.train()
+    return trainer
+
+
+def target_shape(cfg: ShearedConfig) -> TargetShape:
+    if cfg.target:
+        return TargetShape.from_preset(cfg.target)
+    return TargetShape(cfg.target_n_layer, cfg.target_n_head, cfg.target_n_embd, cfg.target_ffn_hidden)
+
+
+def main(argv=None):
+    cfg = parse_config(ShearedConfig, argv, description=__doc__)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dist = distributed.setup(cfg.device)
+    domains = cfg.domains or stdlib_domains(Path(cfg.data_dir))
+    names = list(parse_domains(domains))
+
+    # The source model and its per-domain losses (the reference of dynamic batch loading).
+    source_path = out / "source.pt"
+    if cfg.init_from:
+        source_path = Path(cfg.init_from)
+    elif not source_path.is_file():
+        trainer = train(cfg, domains, "source", cfg.source_steps, dist,
+                        train={"preset": cfg.source_preset})
+        save_model(source_path, trainer.model, trainer.tokenizer)
+    source = load_model(source_path)[0] if source_path.is_file() else _load_hf(source_path)
+    target = target_shape(cfg)
+    target.counts(source.config)  # a target that does not fit is a named error before training
+    reference = (load_reference_losses(cfg.reference, names) if cfg.reference
+                 else domain_losses(source, domains, cfg))
+    (out / "reference.json").write_text(json.dumps(reference, indent=1))
+
+    # Targeted pruning: masks and weights trained together, then the final masks and compaction.
+    pruned_path = out / "pruned.pt"
+    if not pruned_path.is_file():
+        holder = {}
+
+        def attach(model):
+            holder["masks"] = model.mask_source = ShearingMasks(model.config, target, cfg.mask_lr,
+                                                                cfg.lambda_lr)
+            return model
+
+        pruner = Trainer(TrainConfig(data=domains, out_dir=str(out / "prune"), init_from=str(source_path),
+                                     max_steps=cfg.prune_steps, block_size=cfg.block_size,
+                                     batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
+                                     warmup_steps=min(20, cfg.prune_steps // 10), eval_interval=0,
+                                     ckpt_interval=cfg.prune_steps, overwrite=True, fsdp=cfg.fsdp,
+                                     log_interval=max(cfg.prune_steps // 4, 1), seed=cfg.seed,
+                                     progress=False), dist, model_transform=attach)
+        pruner.callbacks.append(PruningSchedule(holder["masks"], cfg.prune_warmup))
+        print(f"--- pruning: {cfg.prune_steps} steps")
+        pruner.train()
+        model = pruner.model
+        small = compact(model, model.mask_source.final_masks())
+        save_model(pruned_path, small, pruner.tokenizer)
+    pruned, tokenizer, _ = load_model(pruned_path)
+    naive_path = out / "naive.pt"
+    if not naive_path.is_file():
+        save_model(naive_path, compact(source, magnitude_masks(source, target)), tokenizer)
+    naive = load_model(naive_path)[0]
+
+    # Continued training, and the baselines at the same number of tokens.
+    budget = cfg.prune_steps + cfg.continue_steps
+    runs = {}
+    for name, init, steps, dbl in (("sheared + DBL", pruned_path, cfg.continue_steps, True),
+                                   ("sheared, static mix", pruned_path, cfg.continue_steps, False),
+                                   ("magnitude pruned", naive_path, budget, False),
+                                   ("from scratch", None, budget, False)):
+        callbacks = [DynamicBatchLoading(reference, cfg.dbl_eta)] if dbl else []
+        kw = {"train": {"init_from": str(init)}} if init else {"model_config": replace(pruned.config)}
+        trainer = train(cfg, domains, name.replace(" ", "_").replace(",", "").replace("+", "dbl"),
+                        steps, dist, evaluate=dbl, callbacks=callbacks, **kw)
+        runs[name] = (trainer.model, dict(zip(trainer.loader.names, trainer.loader.weights.tolist())))
+
+    rows = [("source", source, domain_losses(source, domains, cfg), None),
+            ("sheared + DBL", runs["sheared + DBL"][0], None, domain_losses(pruned, domains, cfg)),
+            ("sheared, static mix", runs["sheared, static mix"][0], None, None),
+            ("magnitude pruned", runs["magnitude pruned"][0], None, domain_losses(naive, domains, cfg)),
+            ("from scratch", runs["from scratch"][0], None, None)]
+    print(f"\nshape: {_shape(source.config)} -> {_shape(pruned.config)} (layers/heads/kv heads/"
+          f"d/ffn); reference = {'--reference' if cfg.reference else 'the source model'}; "
+          f"{budget} steps of {cfg.batch_size * cfg.block_size * cfg.grad_accum} tokens for "
+          f"every pruned or small model")
+    header = f"{'model':<21}{'params':>9}{'after pruning':>15}{'final loss':>12}"
+    header += "".join(f"{n:>9}" for n in names) + f"{'worst excess':>14}"
+    print(header)
+    for name, model, final, after in rows:
+        final = final or domain_losses(model, domains, cfg)
+        worst = max(final[n] - reference[n] for n in names)
+        line = f"{name:<21}{model.num_params() / 1e6:>8.2f}M"
+        line += f"{sum(after.values()) / len(after):>15.3f}" if after else f"{'-':>15}"
+        line += f"{sum(final.values()) / len(final):>12.3f}" + "".join(f"{final[n]:>9.3f}" for n in names)
+        print(line + f"{worst:>14.3f}")
+    print("final mixture weights with DBL: " + ", ".join(
+        f"{n} {w:.2f}" for n, w in runs["sheared + DBL"][1].items()))
+    distributed.cleanup()
+
+
+def _shape(c) -> str:
+    return f"{c.n_layer}/{c.n_head}/{c.n_kv_head}/{c.n_embd}/{c.ffn_hidden}"
+
+
+def _load_hf(path: Path) -> GPT:
+    if not path.is_dir():
+        raise UserError(f"--init-from {path}: neither a minillm checkpoint nor a Hugging Face folder")
+    from minillm.hf import load_hf
+    return load_hf(path)
+
+
+if __name__ == "__main__":
+    run_main(main)
