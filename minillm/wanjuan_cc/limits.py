@@ -44,11 +44,12 @@ NOT_NESTING = {_tag_key(t) for t in (
     b"p", b"li", b"dt", b"dd", b"option", b"optgroup", b"tr", b"td", b"th", b"thead", b"tbody",
     b"tfoot", b"rb", b"rt", b"rp", b"rtc", b"colgroup", b"caption", b"html", b"head", b"body")}
 _NOT_NESTING = np.array(sorted(NOT_NESTING), dtype=np.uint64)
-_NAME_BYTE = np.zeros(256, dtype=bool)
+_NAME_BYTE = np.zeros(256, dtype=bool)  # bytes of a tag name; `| 0x20` lower-cases them all
 _NAME_BYTE[[*range(ord("a"), ord("z") + 1), *range(ord("A"), ord("Z") + 1), *range(ord("0"), ord("9") + 1),
-            ord("-"), ord(":"), ord("_")]] = True
+            ord("-"), ord(":")]] = True
 _LETTER = np.zeros(256, dtype=bool)
 _LETTER[[*range(ord("a"), ord("z") + 1), *range(ord("A"), ord("Z") + 1)]] = True
+_EIGHT = np.arange(8)
 
 
 def nesting_depth(html: bytes) -> int:
@@ -58,31 +59,24 @@ def nesting_depth(html: bytes) -> int:
     self-closed `<name ... />`; the depth is the running total's maximum, where a stray end tag
     never takes it below zero (a parser ignores those). Where an end tag closes elements left
     open inside it, the estimate stays high: it is an upper bound for balanced markup."""
-    a = np.frombuffer(html, dtype=np.uint8)
-    lt = np.flatnonzero(a[:-1] == ord("<"))
-    if len(lt) == 0:
+    if b"<" not in html:
         return 0
+    a = np.frombuffer(html + bytes(10), dtype=np.uint8)  # zero padding: windows never run off the end
+    lt = np.flatnonzero(a == ord("<"))
     closing = a[lt + 1] == ord("/")
     name_at = lt + 1 + closing
-    ok = name_at < len(a)
-    lt, closing, name_at = lt[ok], closing[ok], name_at[ok]
     ok = _LETTER[a[name_at]]
     lt, closing, name_at = lt[ok], closing[ok], name_at[ok]
-    if len(lt) == 0:
-        return 0
-    window = a[np.minimum(name_at[:, None] + np.arange(8), len(a) - 1)]  # (tags, 8) name bytes
+    window = a[name_at[:, None] + _EIGHT]  # (tags, 8): the first 8 bytes of each name
     in_name = np.logical_and.accumulate(_NAME_BYTE[window], axis=1)
-    in_name &= name_at[:, None] + np.arange(8) < len(a)
-    lowered = np.where(in_name, window | 0x20, 0).astype(np.uint8)  # ASCII letters to lower case
-    lowered = np.where(in_name & ~_LETTER[window], window, lowered)  # digits, '-', ':' unchanged
-    keys = np.ascontiguousarray(lowered).view("<u8").ravel()
-    counted = ~np.isin(keys, _NOT_NESTING)
+    keys = np.where(in_name, window | 0x20, 0).astype(np.uint8).view("<u8").ravel()
+    slot = np.minimum(np.searchsorted(_NOT_NESTING, keys), len(_NOT_NESTING) - 1)
+    counted = _NOT_NESTING[slot] != keys
     gt = np.flatnonzero(a == ord(">"))
     end = np.searchsorted(gt, lt)  # the '>' that ends each tag
-    has_end = end < len(gt)
-    self_closed = np.zeros(len(lt), dtype=bool)
-    self_closed[has_end] = a[gt[end[has_end]] - 1] == ord("/")
-    step = np.where(closing, -1, 1) * (counted & ~(self_closed & ~closing))
+    self_closed = a[gt[np.minimum(end, len(gt) - 1)] - 1] == ord("/") if len(gt) else np.zeros(len(lt), bool)
+    self_closed &= end < len(gt)
+    step = np.where(closing, -1, 1) * (counted & (closing | ~self_closed))
     total = np.cumsum(step)
     return int(np.max(total - np.minimum.accumulate(np.minimum(total, 0)), initial=0))
 

@@ -124,7 +124,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _write_jsonl_gz(path: Path, records: list[dict], level: int = 6) -> None:
+def _write_jsonl_gz(path: Path, records: list[dict], level: int = 4) -> None:
     # mtime=0: identical content gives identical bytes, run after run
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     _atomic_write(path, gzip.compress(payload.encode("utf-8", "replace"), level, mtime=0))
@@ -166,9 +166,9 @@ class Pipeline:
             time.sleep(1.0)
 
     # --- stage 1: filter ---
-    def _filter_document(self, record: dict) -> str | None:
-        """Extract, limits, language and rules for one document: None to keep it, else the reason.
-        Sets `text` (and `title`, `domain`, the language fields) on `record`."""
+    def _filter_document(self, record: dict) -> tuple[str | None, int]:
+        """Extract, limits, language and rules for one document: (None to keep it, else the reason;
+        words of the extracted text). Sets `text` (and `title`, `domain`, language) on `record`."""
         if "html" in record:
             raw, content_type = record.pop("html"), record.pop("content_type", None)
             encoding = choose_encoding(raw, content_type)
@@ -180,18 +180,20 @@ class Pipeline:
                     html = raw.decode("cp1252", "replace")
             scanned = raw if encoding is None or not encoding.startswith("utf-16") else html.encode()
             if nesting_depth(scanned) > self.cfg.max_depth:
-                return "limit:depth"
+                return "limit:depth", 0
             record["text"], record["title"] = extract_text(html, backend=self.cfg.extractor)
         url = record.get("url")
         if isinstance(url, str) and url:
             record["domain"] = host_of(url)
-        if not record["text"].strip():
-            return "extract:empty"
-        return self.language(record) or self.rules.apply(record)
+        words = _words(record["text"])
+        if not words:
+            return "extract:empty", 0
+        return self.language(record) or self.rules.apply(record), words
 
     def filter_shard(self, index: int) -> None:
         shard: Shard = self.shards[index]
-        stats = {"shard": shard.name, "read": 0, "documents": 0, "read_words": 0, "rejected": Counter(),
+        stats = {"shard": shard.name, "read": 0, "documents": 0, "read_words": 0, "kept_words": 0,
+                 "rejected": Counter(),
                  "skipped": Counter(), "unreadable": Counter(), "errors": []}
         kept = []
         with CpuTimeLimit(self.cfg.max_seconds) as limit:
@@ -205,7 +207,7 @@ class Pipeline:
                 stats["documents"] += 1
                 try:
                     limit.start()
-                    reason = self._filter_document(record)
+                    reason, words = self._filter_document(record)
                     limit.stop()
                 except DocumentLimit as e:
                     limit.stop()
@@ -218,17 +220,19 @@ class Pipeline:
                     self._error(stats, reason, f"{shard.name}: record {record.get('id')!r}: {e}")
                     stats["unreadable"][reason] += 1
                     continue
-                stats["read_words"] += _words(record.get("text", ""))
                 if reason:
                     stats["rejected"][reason] += 1
                 else:
                     kept.append(record)
+                    stats["kept_words"] += (words if "boilerplate_lines_removed" not in record
+                                            else _words(record["text"]))
+                stats["read_words"] += words
         signatures = self.hasher.signatures([r["text"] for r in kept])
         exact = np.array([int.from_bytes(hashlib.blake2b(r["text"].encode("utf-8", "replace"),
                                                          digest_size=8).digest(), "little")
                           for r in kept], dtype=np.uint64)
         bands = np.concatenate([band_hashes(signatures, self.bands, self.rows), exact[:, None]], axis=1)
-        stats["kept"], stats["kept_words"] = len(kept), sum(_words(r["text"]) for r in kept)
+        stats["kept"] = len(kept)
         _write_jsonl_gz(self.path("filter", index, ".jsonl.gz"), kept, level=1)
         _save_npy(self.path("filter", index, ".sig.npy"), signatures)
         _save_npy(self.path("filter", index, ".bands.npy"), bands)

@@ -124,11 +124,38 @@ def ellipsis_lines(text: str | Doc, max_share: float = 0.3) -> str | None:
     return None if share <= max_share else "ellipsis_lines"
 
 
+SPACE, LETTER = 1, 2  # character classes for words_with_letters
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def char_class(ch: str) -> int:
+    return SPACE if ch.isspace() else LETTER if ch.isalpha() else 0
+
+
+_ASCII_CLASS = np.array([char_class(chr(c)) for c in range(128)], dtype=np.uint8)
+
+
+def words_with_letters(text: str) -> int:
+    """How many whitespace-separated words (`str.split`) have at least one letter (`str.isalpha`).
+    In numpy over the code points: a word's characters get its index from a cumulative sum of
+    word starts; non-ASCII characters are classified once per distinct character."""
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    cls = _ASCII_CLASS[np.minimum(cps, 127)]
+    high = np.flatnonzero(cps > 127)
+    if len(high):
+        distinct, where = np.unique(cps[high], return_inverse=True)
+        cls[high] = np.array([char_class(chr(c)) for c in distinct.tolist()], dtype=np.uint8)[where]
+    inside = cls != SPACE
+    starts = inside.copy()
+    starts[1:] &= ~inside[:-1]
+    word = np.cumsum(starts) - 1  # index of the word each character belongs to
+    return int(np.count_nonzero(np.bincount(word[cls == LETTER], minlength=1)))
+
+
 def alphabetic_words(text: str | Doc, min_share: float = 0.8) -> str | None:
     """Share of words with at least one letter (Gopher)."""
-    words = as_doc(text).words
-    no_letter = sum(1 for w in words if not w.isalpha() and not any(c.isalpha() for c in w))
-    share = (len(words) - no_letter) / max(len(words), 1)
+    doc = as_doc(text)
+    share = words_with_letters(doc.text) / max(len(doc.words), 1)
     return None if share >= min_share else "alphabetic_words"
 
 
@@ -196,10 +223,25 @@ def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _first_occurrences(values: np.ndarray) -> np.ndarray:
+    """Boolean mask: True where a value occurs for the first time."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    first = np.ones(len(values), dtype=bool)
+    first[1:] = sorted_values[1:] != sorted_values[:-1]
+    mask = np.empty(len(values), dtype=bool)
+    mask[order] = first
+    return mask
+
+
 def repeated_ngrams(text: str | Doc, top_max: dict = TOP_NGRAM_MAX, dup_max: dict = DUP_NGRAM_MAX) -> str | None:
     """Gopher's n-gram repetition: the characters covered by the most frequent 2-4-gram, and by
     all duplicated 5-10-grams, as a share of all word characters. N-grams are compared by a
-    64-bit hash of their lower-cased words (a collision is about as likely as 2^-64 per pair)."""
+    64-bit hash of their lower-cased words (a collision is about as likely as 2^-64 per pair).
+
+    Shortcut: a word covered by a repeated (n+1)-gram is covered by a repeated n-gram, so the
+    coverage can only fall as n grows; when the smallest n's coverage is within every larger n's
+    limit, those are not computed (the answer is the same)."""
     ids, lengths = as_doc(text).word_ids
     total = int(lengths.sum())
     if total == 0:
@@ -207,23 +249,29 @@ def repeated_ngrams(text: str | Doc, top_max: dict = TOP_NGRAM_MAX, dup_max: dic
     for n, limit in top_max.items():
         if len(ids) < n:
             continue
-        _, first, counts = np.unique(_ngram_hashes(ids, n), return_index=True, return_counts=True)
-        best = int(counts.max())
+        hashes = _ngram_hashes(ids, n)
+        grams = np.sort(hashes)
+        starts = np.flatnonzero(np.concatenate([[True], grams[1:] != grams[:-1], [True]]))
+        runs = np.diff(starts)  # how often each distinct n-gram occurs
+        best = int(runs.max())
         if best > 1:
-            start = int(first[counts == best].min())  # ties: the n-gram seen first, as Counter does
+            # the n-gram Counter.most_common(1) picks: the first seen of those occurring `best` times
+            tied = grams[starts[:-1][runs == best]]
+            start = int(np.flatnonzero(np.isin(hashes, tied))[0])
             if best * int(lengths[start:start + n].sum()) / total > limit:
                 return f"top_{n}gram"
-    for n, limit in dup_max.items():
+    for i, (n, limit) in enumerate(dup_max.items()):
         if len(ids) < n:
             continue
-        _, first = np.unique(_ngram_hashes(ids, n), return_index=True)
-        repeat = np.ones(len(ids) - n + 1, dtype=bool)
-        repeat[first] = False  # an n-gram that was seen before covers its n words
+        repeat = ~_first_occurrences(_ngram_hashes(ids, n))  # an n-gram seen before covers n words
         starts = np.flatnonzero(repeat)
         cover = np.cumsum(np.bincount(starts, minlength=len(ids) + 1)
                           - np.bincount(starts + n, minlength=len(ids) + 1))[:len(ids)] > 0
-        if int(lengths[cover].sum()) / total > limit:
+        share = int(lengths[cover].sum()) / total
+        if share > limit:
             return f"duplicate_{n}gram"
+        if all(m >= n and share <= later for m, later in list(dup_max.items())[i + 1:]):
+            return None
     return None
 
 
