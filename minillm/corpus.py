@@ -17,6 +17,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import UserError
+
 DEFAULT = "default"  # the name that selects the embedded corpus wherever a data path is expected
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".jsonl.gz", ".json.gz", ".ndjson"}
@@ -63,9 +65,9 @@ def read_jsonl(path: str | Path, text_field: str = "text") -> Iterator[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+                raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field "
+                raise UserError(f"{path}:{lineno}: expected an object with a string field "
                                  f"{text_field!r}, got {line.strip()[:80]!r}")
             yield record
 
@@ -78,13 +80,13 @@ def list_files(paths: list[str | Path]) -> list[Path]:
             found = sorted(f for f in p.rglob("*") if f.is_file()
                            and _suffix(f) in TEXT_SUFFIXES | JSONL_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"{p}: folder holds no text or JSONL files "
+                raise UserError(f"{p}: folder holds no text or JSONL files "
                                         f"({', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))})")
             files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"data path not found: {p}")
+            raise UserError(f"data path not found: {p}")
     return files
 
 
@@ -102,5 +104,5 @@ def read_documents(paths: list[str | Path], text_field: str = "text") -> Iterato
             try:
                 yield path.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); convert it or pass "
+                raise UserError(f"{path}: not UTF-8 text (byte {e.start}); convert it or pass "
                                  "JSONL") from None

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minillm.errors import run_main  # noqa: E402
 from minillm.plotting import loss_table, plot_metrics, read_metrics  # noqa: E402
 
 
@@ -27,4 +28,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

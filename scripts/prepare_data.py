@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm.cli import parse_config  # noqa: E402
+from minillm.errors import UserError, run_main  # noqa: E402
 from minillm.corpus import read_documents  # noqa: E402
 from minillm.data import prepare  # noqa: E402
 from minillm.tokenizer import EOT, PATTERNS, load_tokenizer, train_bpe  # noqa: E402
@@ -53,7 +54,7 @@ def main():
         tok = load_tokenizer(cfg.tokenizer)
     else:
         if cfg.pattern not in PATTERNS:
-            raise SystemExit(f"--pattern must be one of {sorted(PATTERNS)}, got {cfg.pattern!r}")
+            raise UserError(f"--pattern must be one of {sorted(PATTERNS)}, got {cfg.pattern!r}")
         tok = train_bpe(read_documents(cfg.data, cfg.text_field), cfg.vocab_size,
                         PATTERNS[cfg.pattern], [EOT])
         print(f"trained {tok} in {time.perf_counter() - t0:.1f} s")
@@ -70,4 +71,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm import distributed  # noqa: E402
 from minillm.cli import parse_config  # noqa: E402
+from minillm.errors import run_main  # noqa: E402
 from minillm.corpus import stdlib_docstrings  # noqa: E402
 from minillm.data import prepare  # noqa: E402
 from minillm.generate import LocalLM  # noqa: E402
@@ -73,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,7 +21,6 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm import distributed  # noqa: E402

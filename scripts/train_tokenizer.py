@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm.cli import parse_config  # noqa: E402
+from minillm.errors import UserError, run_main  # noqa: E402
 from minillm.corpus import read_documents  # noqa: E402
 from minillm.tokenizer import EOT, PATTERNS, train_bpe  # noqa: E402
 
@@ -43,7 +44,7 @@ def take_megabytes(docs, max_mb: float):
 
 def train_from_config(cfg: TokenizerConfig):
     if cfg.pattern not in PATTERNS:
-        raise SystemExit(f"--pattern must be one of {sorted(PATTERNS)}, got {cfg.pattern!r}")
+        raise UserError(f"--pattern must be one of {sorted(PATTERNS)}, got {cfg.pattern!r}")
     docs = take_megabytes(read_documents(cfg.data, cfg.text_field), cfg.max_mb)
     return train_bpe(docs, cfg.vocab_size, PATTERNS[cfg.pattern], cfg.special_tokens)
 
@@ -58,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

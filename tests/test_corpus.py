@@ -39,12 +39,12 @@ def test_bad_inputs_name_file_and_line(tmp_path):
     bad.write_text('{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON line"):
         list(read_documents([bad]))
-    with pytest.raises(FileNotFoundError, match="data path not found: .*missing.txt"):
+    with pytest.raises(ValueError, match="data path not found: .*missing.txt"):
         list(read_documents([tmp_path / "missing.txt"]))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match="latin.txt: not UTF-8"):
         list(read_documents([latin]))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="empty: folder holds no text or JSONL files"):
+    with pytest.raises(ValueError, match="empty: folder holds no text or JSONL files"):
         list(read_documents([tmp_path / "empty"]))

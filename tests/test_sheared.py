@@ -12,7 +12,7 @@ from minillm.corpus import stdlib_docstrings
 from minillm.data import prepare
 from minillm.distributed import DistInfo
 from minillm.errors import UserError
-from minillm.model import GPT, Masks, preset
+from minillm.model import GPT, preset
 from minillm.sheared import (DynamicBatchLoading, HardConcrete, PruningSchedule, ShearingMasks,
                              TargetShape, check_hf_exportable, compact, dbl_update, keep_top,
                              load_reference_losses, magnitude_masks)
