@@ -294,6 +294,7 @@ def _arc_document(line: str, block: bytes, truncated: bool, limit: int) -> dict 
 _NOT_SEPARATOR = re.compile(rb"[^\r\n\t \x00]")
 _RECORD_START = {"warc": re.compile(rb"\nWARC/\d"),
                  "arc": re.compile(rb"\n(?=\S+ \S+ \d{14} [^\n]* \d+\n)")}
+_ARC_START = re.compile(rb"\S+ \S+ \d{14} ")
 _ARC_HEADER = re.compile(r"\S+ \S+ \d{14} .* \d+|\S+ \S+ \d{14}  ?\d+")
 
 
@@ -356,10 +357,10 @@ class _RecordParser:
                     return
 
     def _record_starts(self) -> bool:
-        head = bytes(self.buf[self.p:self.p + 32])
+        head = bytes(self.buf[self.p:self.p + 512])
         if self.format == "warc":
             return head.startswith(b"WARC/")
-        return bool(re.match(rb"\S+ \S+ \d{14} ", head))
+        return bool(_ARC_START.match(head))
 
     def __iter__(self) -> Iterator[dict | Dropped]:
         while True:
@@ -375,7 +376,7 @@ class _RecordParser:
                     yield self._cut("whole")  # a gzip member lost between records
                 m = _NOT_SEPARATOR.search(self.buf)
             self.p = m.start()
-            while len(self.buf) - self.p < 16 and self._more():
+            while len(self.buf) - self.p < 512 and self._more():
                 pass
             if self.buf.startswith(b"filedesc:", self.p):
                 self.format = "arc"
