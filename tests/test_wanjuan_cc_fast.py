@@ -106,3 +106,13 @@ def test_pii_prefilters_never_change_the_result(pieces):
         expected, counts[name] = pattern.subn(token, expected)
     counts["ip"] += counts.pop("ip6")
     assert mask_pii(text) == (expected, counts)
+
+
+def test_minhash_batches_change_nothing():
+    from minillm.corpus import stdlib_docstrings
+    from minillm.wanjuan_cc.minhash import MinHasher
+    docs = [d for d in stdlib_docstrings() if len(d) > 300][:300]
+    hasher = MinHasher()
+    whole = hasher.signatures(docs, max_batch_chars=10**9)
+    assert (hasher.signatures(docs, max_batch_chars=2000) == whole).all()
+    assert (hasher.signatures(docs, max_batch_chars=1) == whole).all()  # one document a batch

@@ -116,11 +116,22 @@ class MinHasher:
             mixed = hashes * _MIX
         return (mixed >> np.uint64(32)).astype(np.uint32), offsets
 
-    def signatures(self, texts: list[str], max_cells: int = 2**20) -> np.ndarray:
-        """(len(texts), num_perm) uint32 MinHash signatures."""
+    def signatures(self, texts: list[str], max_cells: int = 2**20, max_batch_chars: int = 1 << 21) -> np.ndarray:
+        """(len(texts), num_perm) uint32 MinHash signatures, in batches of about `max_batch_chars`
+        characters (the power tables of the prefix-sum hash grow with the batch, and stay cached)."""
         out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
-        if not texts:
-            return out
+        start = 0
+        while start < len(texts):
+            end, size = start + 1, len(texts[start])
+            while end < len(texts) and size + len(texts[end]) <= max_batch_chars:
+                size += len(texts[end])
+                end += 1
+            out[start:end] = self._batch_signatures(texts[start:end], max_cells)
+            start = end
+        return out
+
+    def _batch_signatures(self, texts: list[str], max_cells: int) -> np.ndarray:
+        out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
         hashes, offsets = self.shingle_hashes(texts)
         bounds = np.concatenate([offsets, [len(hashes)]])
         doc = 0

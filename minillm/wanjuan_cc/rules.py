@@ -239,21 +239,30 @@ def repeated_ngrams(text: str | Doc, top_max: dict = TOP_NGRAM_MAX, dup_max: dic
     all duplicated 5-10-grams, as a share of all word characters. N-grams are compared by a
     64-bit hash of their lower-cased words (a collision is about as likely as 2^-64 per pair).
 
-    Shortcut: a word covered by a repeated (n+1)-gram is covered by a repeated n-gram, so the
-    coverage can only fall as n grows; when the smallest n's coverage is within every larger n's
-    limit, those are not computed (the answer is the same)."""
+    Shortcuts that keep the answer: an n-gram occurs at most as often as the most frequent shorter
+    one (its prefix occurs wherever it does), so a top n-gram whose widest possible span, times
+    that count, stays within the limit needs no count. A word covered by a repeated (n+1)-gram is
+    covered by a repeated n-gram, so the coverage can only fall as n grows; when the smallest n's
+    coverage is within every larger n's limit, those are not computed."""
     ids, lengths = as_doc(text).word_ids
     total = int(lengths.sum())
     if total == 0:
         return None
+    best_shorter = None  # the top count of a shorter n-gram bounds this one's (its prefix repeats)
     for n, limit in top_max.items():
         if len(ids) < n:
             continue
+        if best_shorter is not None and n > best_shorter[0]:
+            widest = int(np.convolve(lengths, np.ones(n, dtype=np.int64), "valid").max())
+            if best_shorter[1] * widest / total <= limit:
+                continue  # even the widest n-gram, repeated that often, stays within the limit
         hashes = _ngram_hashes(ids, n)
         grams = np.sort(hashes)
         starts = np.flatnonzero(np.concatenate([[True], grams[1:] != grams[:-1], [True]]))
         runs = np.diff(starts)  # how often each distinct n-gram occurs
         best = int(runs.max())
+        if best_shorter is None or n < best_shorter[0]:
+            best_shorter = (n, best)
         if best > 1:
             # the n-gram Counter.most_common(1) picks: the first seen of those occurring `best` times
             tied = grams[starts[:-1][runs == best]]
