@@ -194,7 +194,10 @@ class PruningSchedule:
 
     def on_step_end(self, trainer, record) -> None:
         if trainer.step % trainer.cfg.log_interval == 0:
-            s = self.masks.expected_sparsity().tolist()
+            s = self.masks.expected_sparsity().detach()
+            if hasattr(s, "full_tensor"):  # outside the forward pass FSDP keeps the masks sharded
+                s = s.full_tensor()
+            s = s.tolist()
             record.update({f"sparsity/{k}": v for k, v in zip(KINDS, s)})
 
 

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm import distributed  # noqa: E402
@@ -29,10 +30,10 @@ from minillm.corpus import stdlib_docstrings  # noqa: E402
 from minillm.data import TokenDataset, parse_domains, prepare  # noqa: E402
 from minillm.errors import UserError, run_main  # noqa: E402
 from minillm.evaluate import evaluate_loss  # noqa: E402
-from minillm.model import GPT, load_model, save_model  # noqa: E402
+from minillm.model import GPT, ModelConfig, load_model, save_model  # noqa: E402
 from minillm.sheared import (DynamicBatchLoading, PruningSchedule, ShearingMasks,  # noqa: E402
                              TargetShape, compact, load_reference_losses, magnitude_masks)
-from minillm.tokenizer import train_bpe  # noqa: E402
+from minillm.tokenizer import tokenizer_from_dict, train_bpe  # noqa: E402
 from minillm.train import TrainConfig, Trainer  # noqa: E402
 
 
@@ -115,10 +116,29 @@ def stdlib_domains(data_dir: Path, max_chars: int = 1_500_000) -> list[str]:
 
 
 def domain_losses(model: GPT, domains: list[str], cfg: ShearedConfig) -> dict[str, float]:
-    """Validation loss of `model` per domain on fixed windows (the same for every model)."""
+    """Validation loss of `model` (whole, not sharded) per domain on fixed windows, the same for
+    every model; every process evaluates all of them."""
     return {name: evaluate_loss(model, TokenDataset(path, "val"), cfg.block_size, cfg.batch_size,
-                                cfg.eval_batches)["loss"]
+                                cfg.eval_batches, rank=0, world_size=1)["loss"]
             for name, (path, _) in parse_domains(domains).items()}
+
+
+def compact_pruned(checkpoint: Path, target: TargetShape) -> tuple[GPT, object]:
+    """The compact model from the pruning run's final checkpoint (a full state dict, also under
+    FSDP): rebuild the masked model on the CPU, take the final masks, remove what they prune."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = GPT(ModelConfig(**state["model_config"]))
+    model.mask_source = ShearingMasks(model.config, target)
+    model.load_state_dict(state["model"])
+    return compact(model, model.mask_source.final_masks()), tokenizer_from_dict(state["tokenizer"])
+
+
+def on_main(dist, fn, *args) -> None:
+    """Run `fn` on the main process only (it writes files); the others wait for it."""
+    if dist.is_main:
+        fn(*args)
+    if dist.enabled:
+        torch.distributed.barrier()
 
 
 # --- stages -----------------------------------------------------------------------------------------
@@ -158,13 +178,14 @@ def main(argv=None):
     elif not source_path.is_file():
         trainer = train(cfg, domains, "source", cfg.source_steps, dist,
                         train={"preset": cfg.source_preset})
-        save_model(source_path, trainer.model, trainer.tokenizer)
+        # from the final checkpoint, which holds the whole model also after a sharded run
+        on_main(dist, lambda: save_model(source_path, *load_model(trainer.checkpoint_path)[:2]))
     source = load_model(source_path)[0] if source_path.is_file() else _load_hf(source_path)
     target = target_shape(cfg)
     target.counts(source.config)  # a target that does not fit is a named error before training
     reference = (load_reference_losses(cfg.reference, names) if cfg.reference
                  else domain_losses(source, domains, cfg))
-    (out / "reference.json").write_text(json.dumps(reference, indent=1))
+    on_main(dist, (out / "reference.json").write_text, json.dumps(reference, indent=1))
 
     # Targeted pruning: masks and weights trained together, then the final masks and compaction.
     pruned_path = out / "pruned.pt"
@@ -186,13 +207,12 @@ def main(argv=None):
         pruner.callbacks.append(PruningSchedule(holder["masks"], cfg.prune_warmup))
         print(f"--- pruning: {cfg.prune_steps} steps")
         pruner.train()
-        model = pruner.model
-        small = compact(model, model.mask_source.final_masks())
-        save_model(pruned_path, small, pruner.tokenizer)
+        on_main(dist, lambda: save_model(pruned_path, *compact_pruned(pruner.checkpoint_path, target)))
     pruned, tokenizer, _ = load_model(pruned_path)
     naive_path = out / "naive.pt"
     if not naive_path.is_file():
-        save_model(naive_path, compact(source, magnitude_masks(source, target)), tokenizer)
+        on_main(dist, lambda: save_model(naive_path, compact(source, magnitude_masks(source, target)),
+                                         tokenizer))
     naive = load_model(naive_path)[0]
 
     # Continued training, and the baselines at the same number of tokens.
@@ -206,22 +226,31 @@ def main(argv=None):
         kw = {"train": {"init_from": str(init)}} if init else {"model_config": replace(pruned.config)}
         trainer = train(cfg, domains, name.replace(" ", "_").replace(",", "").replace("+", "dbl"),
                         steps, dist, evaluate=dbl, callbacks=callbacks, **kw)
-        runs[name] = (trainer.model, dict(zip(trainer.loader.names, trainer.loader.weights.tolist())))
+        # The final checkpoint holds the whole model, also after a sharded (FSDP) run.
+        runs[name] = (trainer.checkpoint_path,
+                      dict(zip(trainer.loader.names, trainer.loader.weights.tolist())))
 
-    rows = [("source", source, domain_losses(source, domains, cfg), None),
-            ("sheared + DBL", runs["sheared + DBL"][0], None, domain_losses(pruned, domains, cfg)),
-            ("sheared, static mix", runs["sheared, static mix"][0], None, None),
-            ("magnitude pruned", runs["magnitude pruned"][0], None, domain_losses(naive, domains, cfg)),
-            ("from scratch", runs["from scratch"][0], None, None)]
+    if dist.is_main:
+        print_table(cfg, domains, reference, budget, source, pruned, naive, runs)
+    distributed.cleanup()
+
+
+def print_table(cfg, domains, reference, budget, source, pruned, naive, runs) -> None:
+    names = list(parse_domains(domains))
+    rows = [("source", source, None),
+            ("sheared + DBL", load_model(runs["sheared + DBL"][0])[0], domain_losses(pruned, domains, cfg)),
+            ("sheared, static mix", load_model(runs["sheared, static mix"][0])[0], None),
+            ("magnitude pruned", load_model(runs["magnitude pruned"][0])[0],
+             domain_losses(naive, domains, cfg)),
+            ("from scratch", load_model(runs["from scratch"][0])[0], None)]
     print(f"\nshape: {_shape(source.config)} -> {_shape(pruned.config)} (layers/heads/kv heads/"
           f"d/ffn); reference = {'--reference' if cfg.reference else 'the source model'}; "
           f"{budget} steps of {cfg.batch_size * cfg.block_size * cfg.grad_accum} tokens for "
           f"every pruned or small model")
     header = f"{'model':<21}{'params':>9}{'after pruning':>15}{'final loss':>12}"
-    header += "".join(f"{n:>9}" for n in names) + f"{'worst excess':>14}"
-    print(header)
-    for name, model, final, after in rows:
-        final = final or domain_losses(model, domains, cfg)
+    print(header + "".join(f"{n:>9}" for n in names) + f"{'worst excess':>14}")
+    for name, model, after in rows:
+        final = domain_losses(model, domains, cfg)
         worst = max(final[n] - reference[n] for n in names)
         line = f"{name:<21}{model.num_params() / 1e6:>8.2f}M"
         line += f"{sum(after.values()) / len(after):>15.3f}" if after else f"{'-':>15}"
@@ -229,7 +258,6 @@ def main(argv=None):
         print(line + f"{worst:>14.3f}")
     print("final mixture weights with DBL: " + ", ".join(
         f"{n} {w:.2f}" for n, w in runs["sheared + DBL"][1].items()))
-    distributed.cleanup()
 
 
 def _shape(c) -> str:

@@ -247,3 +247,23 @@ def test_the_script_runs_at_a_tiny_size_and_resumes_by_stage(domains, tmp_path, 
     assert (tmp_path / "pruned.pt").stat().st_mtime_ns == before
     with pytest.raises(UserError, match="target n_embd 999 does not fit"):
         script.main(argv[:-8] + ["--target-n-embd", "999"])
+
+
+@pytest.mark.slow
+def test_the_script_prunes_under_fsdp_on_two_processes(domains, tmp_path):
+    from pathlib import Path
+
+    from minillm.model import load_model
+    from tests.distributed import torchrun
+    out = torchrun(Path(__file__).resolve().parents[1] / "scripts" / "sheared.py",
+                   "--out-dir", str(tmp_path), "--domains", f"a={domains / 'a'}", f"b={domains / 'b'}",
+                   "--source-steps", "4", "--prune-steps", "4", "--prune-warmup", "2",
+                   "--continue-steps", "2", "--block-size", "16", "--batch-size", "2",
+                   "--grad-accum", "2", "--eval-interval", "1", "--eval-batches", "1",
+                   "--target-n-layer", "2", "--target-n-head", "2", "--target-n-embd", "32",
+                   "--target-ffn-hidden", "64", "--fsdp", "true", "--device", "cpu", timeout=240)
+    assert "\nmagnitude pruned " in out and "final mixture weights with DBL" in out
+    pruned = load_model(tmp_path / "pruned.pt")[0].config
+    assert (pruned.n_layer, pruned.n_head, pruned.n_embd, pruned.ffn_hidden) == (2, 2, 32, 64)
+    state = torch.load(tmp_path / "prune" / "ckpt_0000004.pt", weights_only=True)
+    assert not torch.equal(state["model"]["mask_source.lambda2"], torch.zeros(4))  # maximised
