@@ -172,6 +172,14 @@ def test_truncated_last_record_is_counted_not_kept(tmp_path, prose, compress):
     assert report["unreadable"] == ({"gzip:truncated": 1} if compress else {"warc:truncated": 1})
 
 
+def test_member_larger_than_a_read_chunk_then_more_members(tmp_path, prose):
+    """A gzip member that decompresses to more than the reader's output limit (1 MiB a call)."""
+    big = page(" ".join([prose[0]] * 20000))  # ~12 MB of HTML, compresses to ~100 KB
+    records = [("https://site.example/big", big, "text/html", "response")] + pages(prose[1:4])
+    items = list(read_warc(_write(tmp_path / "a.warc.gz", warc_bytes(records)), max_document_bytes=1 << 25))
+    assert [i["url"] for i in items] == [r[0] for r in records] and items[0]["html"] == big
+
+
 def test_every_record_type_is_accounted_for(tmp_path, prose):
     records = pages(prose[:2]) + [
         ("https://site.example/req", b"", None, "request"),

@@ -130,7 +130,9 @@ def _stream(f, path: str) -> Iterator[bytes | _Gap]:
             d, in_garbage = None, True  # resume at the next magic after this member's start
             i = max(i, member - offset + 1)
             continue
-        i += len(piece) - len(d.unconsumed_tail) - len(d.unused_data)
+        # at the member's end the rest of the piece is in unused_data (and, after an earlier call
+        # that hit the output limit, in unconsumed_tail as well); before it, in unconsumed_tail
+        i += len(piece) - len(d.unused_data if d.eof else d.unconsumed_tail)
         if out:
             yield out
         if d.eof:
