@@ -4,7 +4,7 @@ masks, compact it, continue training with dynamic batch loading, and compare wit
 
     python scripts/sheared.py                               # minutes on a laptop CPU
     python scripts/sheared.py --init-from path/to/hf-llama --target sheared-llama-1.3b \\
-        --block-size 4096 --batch-size 1 --grad-accum 64 --prune-steps 3200 --continue-steps 10000 \\
+        --block-size 4096 --batch-size 1 --grad-accum 64 --prune-steps 1500 --continue-steps 190000 \\
         --fsdp true --domains web=data/web code=data/code ...     # under torchrun on a GPU node
 
 Stages (each leaves a file in --out-dir and is skipped when that file exists, so a killed run
@@ -47,15 +47,15 @@ class ShearedConfig:
     init_from: str | None = field(default=None, metadata={
         "help": "source model: a Hugging Face folder or a minillm checkpoint (else one is trained)"})
     source_preset: str = "tiny-llama"
-    source_steps: int = 400
+    source_steps: int = 1000
     target: str | None = field(default=None, metadata={"help": "target shape from a preset, e.g. "
                                                                 "sheared-llama-1.3b"})
     target_n_layer: int = 2
     target_n_head: int = 2
     target_n_embd: int = 64
     target_ffn_hidden: int = 128
-    prune_steps: int = 150
-    prune_warmup: int = field(default=50, metadata={"help": "steps over which the target is reached"})
+    prune_steps: int = 200
+    prune_warmup: int = field(default=100, metadata={"help": "steps over which the target is reached"})
     continue_steps: int = 250
     mask_lr: float = 0.1
     lambda_lr: float = 0.1
