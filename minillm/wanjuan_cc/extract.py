@@ -9,9 +9,9 @@ footer, cookie notice, share buttons or the like, or which is hidden. Broken mar
 what does not read as a tag is text, an unclosed comment runs to the end, an end tag closes the
 elements left open inside it (as an HTML5 parser does).
 
-Why not `html.parser`: it calls back into Python for every tag and attribute (about 5 MB/s); this
-tokenizer finds the next tag with one regular-expression search, looks at attributes only of
-containers, and runs about three times as fast.
+Why not `html.parser`: it calls back into Python for every tag and attribute; this tokenizer finds
+the next tag with one regular-expression search and looks at the attributes of containers only
+(on 300 documentation pages, dev machine: 7.5 MB/s with html.parser, 15.9 MB/s with this).
 
 The charset comes from a byte-order mark, else the HTTP header, else `<meta charset>` /
 `<meta http-equiv>`, where the label must name an ASCII-compatible text encoding (bogus labels such

@@ -169,7 +169,7 @@ class Pipeline:
     def _filter_document(self, record: dict) -> tuple[str | None, int]:
         """Extract, limits, language and rules for one document: (None to keep it, else the reason;
         words of the extracted text). Sets `text` (and `title`, `domain`, language) on `record`."""
-        if "html" in record:
+        if isinstance(record.get("html"), bytes):  # from a WARC (a JSONL record's fields are its own)
             raw, content_type = record.pop("html"), record.pop("content_type", None)
             encoding = choose_encoding(raw, content_type)
             html = raw.decode(encoding, "replace") if encoding else None
