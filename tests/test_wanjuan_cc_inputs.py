@@ -423,3 +423,12 @@ def test_report_lists_errors_and_the_text_line(tmp_path, prose):
     assert f"records: {report['read']} read = 2 kept + 0 rejected + 0 skipped + 1 unreadable" in text
     assert "unreadable: gzip:garbage 1" in text and "errors in" in text
     assert random.Random(0)  # the report is deterministic: see test_workers_share_one_pool...
+
+
+def test_a_stray_quote_does_not_swallow_the_page():
+    """A quote opens an attribute value only after '=' (as in HTML5): a damaged tag such as
+    `style="margin-top: <li><a href="..."` ends at the '>' after the next quote, not pages later."""
+    html = ('<div class="related"><img style="margin-top: changed <li><a href="https://x.example/">'
+            'Home</a></li></div><p>Content after the damage.</p><p title="a > b">Second "quoted" block.</p>')
+    text, _ = extract_text(html)
+    assert text.split("\n") == ["Content after the damage.", 'Second "quoted" block.']

@@ -54,8 +54,9 @@ _MARKUP = re.compile(
     r"<!--.*?(?:--!?>|\Z)"  # comment; unclosed: to the end
     r"|<[!?][^>]*>?"  # doctype, CDATA, processing instruction
     r"|</([A-Za-z][^\s/>]*)[^>]*>"  # end tag
-    r"|<([A-Za-z][^\s/>]*)((?:[^>\"']|\"[^\"]{0,2000}\"|'[^']{0,2000}')*)>"  # start tag, quoted values
-    r"|<([A-Za-z][^\s/>]*)([^>]*)>",  # start tag with an unbalanced quote
+    # start tag: a quote opens a value only right after '=' (elsewhere it is a character, as in HTML5)
+    r"|<([A-Za-z][^\s/>]*)((?:[^>\"'=]|=\s*\"[^\"]*\"|=\s*'[^']*'|=(?!\s*[\"'])|[\"'])*)>"
+    r"|<([A-Za-z][^\s/>]*)([^>]*)>",  # start tag whose quoted value never closes: up to the next '>'
     re.S)
 _RAW_END = {tag: re.compile(rf"</{tag}[\s/>]", re.I) for tag in RAW}
 _WHITESPACE = re.compile(r"\s+")
