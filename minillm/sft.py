@@ -16,13 +16,18 @@ padding. It is a choice with two documented settings:
   see earlier, unrelated examples).
 
 Padding fills the rest of a window with `pad_id` and target -100.
+
+`PackedLoader` serves packed windows to `minillm.train.Trainer` as a data source: batches
+`(x, y, forward_kwargs)` whose kwargs carry the positions and the block-diagonal mask, epochs
+shuffled by a seed and split over ranks, state (epoch, cursor) for exact resume, like `TokenLoader`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .tokenizer import Tokenizer
@@ -107,3 +112,78 @@ def attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
     same_NTT = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (same_NTT & causal_TT)[:, None]
+
+
+class PackedLoader:
+    """Packed supervised windows as a trainer data source (see `Trainer(data_source=...)`).
+
+    `next_batch()` gives (inputs, targets, {"position_ids", "attn_mask"}) of `batch_size` windows
+    (no kwargs with `attend_across=True`: plain causal attention). Epochs visit the windows in the
+    order of a permutation seeded by (seed, epoch); rank r of W takes every W-th window, the
+    remainder of an epoch is dropped so ranks stay in step. `val` (encoded examples) are packed the
+    same way for `eval_batches`."""
+
+    def __init__(self, encoded: Iterable[tuple[list[int], list[int]]], block_size: int,
+                 batch_size: int, pad_id: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 attend_across: bool = False, device: str | torch.device = "cpu",
+                 val: Iterable[tuple[list[int], list[int]]] | None = None):
+        self.packed = pack(encoded, block_size, pad_id, attend_across)
+        self.val = pack(val, block_size, pad_id, attend_across) if val is not None else None
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.rank, self.world_size, self.attend_across = rank, world_size, attend_across
+        self.device = torch.device(device)
+        self.names = ["sft"]
+        self.windows_per_rank = len(self.packed.inputs) // world_size
+        if self.windows_per_rank < batch_size:
+            raise ValueError(f"{len(self.packed.inputs)} packed window(s) of {block_size} tokens give "
+                             f"{self.windows_per_rank} per rank, fewer than batch_size {batch_size}")
+        self.epoch, self.cursor = 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = self.windows_per_rank * self.world_size
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.packed.inputs))
+        return perm[:n].reshape(self.windows_per_rank, self.world_size)[:, self.rank]
+
+    def _batch(self, packed: PackedBatch, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        x, y = packed.inputs[idx].to(self.device), packed.targets[idx].to(self.device)
+        if self.attend_across:
+            return x, y, {}
+        return x, y, {"position_ids": packed.position_ids[idx].to(self.device),
+                      "attn_mask": attention_mask(packed.segment_ids[idx].to(self.device))}
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        rows = []
+        for _ in range(self.batch_size):
+            if self.cursor == self.windows_per_rank:
+                self.epoch, self.cursor = self.epoch + 1, 0
+            rows.append(int(self._order(self.epoch)[self.cursor]))
+            self.cursor += 1
+        return self._batch(self.packed, rows)
+
+    def eval_batches(self, max_windows: int | None, rank: int, world_size: int
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """The first `max_windows` validation windows, dealt to ranks in turn; every rank yields
+        the same number of batches (a rank whose share ran out gets a row with no target)."""
+        if self.val is None or len(self.val.inputs) == 0:
+            raise ValueError("PackedLoader has no validation examples (pass val=...)")
+        total = len(self.val.inputs) if max_windows is None else min(len(self.val.inputs), max_windows)
+        mine = list(range(rank, total, world_size))
+        per_rank = -(-total // world_size)
+        for b in range(-(-per_rank // self.batch_size)):
+            rows = mine[b * self.batch_size:(b + 1) * self.batch_size]
+            x, y, kwargs = self._batch(self.val, rows or [0])
+            if not rows:
+                y = torch.full_like(y, IGNORE_INDEX)
+            yield x, y, kwargs
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
+                "world_size": self.world_size, "num_windows": len(self.packed.inputs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "num_windows"):
+            if state.get(key) != self.state_dict()[key]:
+                raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has "
+                                 f"{self.state_dict()[key]!r}: the stream cannot be continued exactly")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from .data import DataError, MixtureLoader, TokenDataset, TokenLoader, eval_batches, parse_domains
 from .distributed import DistInfo
 from .errors import UserError
-from .model import GPT, ModelConfig, load_model, preset
+from .model import GPT, IGNORE_INDEX, ModelConfig, load_model, preset
 from .tokenizer import load_tokenizer
 
 CHECKPOINT_FORMAT = "minillm.train"
@@ -249,12 +249,19 @@ class Trainer:
     `model_transform` (GPT -> GPT) runs on the fresh model before the optimizer is built: methods
     use it to swap modules, e.g. dense FFNs for MoE layers.
 
+    `data_source` replaces the loaders built from `cfg.data`: any object with `next_batch()` ->
+    (x, y, forward kwargs or anything else), `state_dict()` / `load_state_dict()` (saved per rank
+    for exact resume), `names` and, for evaluation, `eval_batches(max_windows, rank, world_size)`
+    (see `minillm.sft.PackedLoader`); `tokenizer` must then be given. The loss of a micro-batch is
+    the mean over its target tokens (targets of -100 are ignored).
+
     Everything the flags and data can get wrong is checked here, before anything is written. With
     `resume`, the model is rebuilt from the checkpoint's own config; a field of `cfg` outside
     `CHANGEABLE_ON_RESUME` that differs from the checkpoint's is an error."""
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo, callbacks: list | None = None,
-                 model_config: ModelConfig | None = None, model_transform=None):
+                 model_config: ModelConfig | None = None, model_transform=None,
+                 data_source=None, tokenizer=None):
         cfg.validate()
         self.cfg, self.dist, self.callbacks = cfg, dist, list(callbacks or [])
         if cfg.grad_accum % dist.world_size:
@@ -263,7 +270,16 @@ class Trainer:
         self.accum = cfg.grad_accum // dist.world_size
         self.out_dir = Path(cfg.out_dir)
         self.device = dist.device
-        self._build_data()
+        self.data_source = data_source
+        if data_source is None:
+            self._build_data()
+        else:  # batches from the caller, e.g. minillm.sft.PackedLoader; cfg.data is not read
+            if tokenizer is None:
+                raise UserError("Trainer(data_source=...) needs the tokenizer of its tokens")
+            if cfg.eval_interval and not hasattr(data_source, "eval_batches"):
+                raise UserError(f"--eval-interval {cfg.eval_interval}: the data source has no "
+                                "eval_batches; pass --eval-interval 0")
+            self.loader, self.tokenizer, self.val = data_source, tokenizer, {}
         resume_path, resume_state = self._find_resume_state() if cfg.resume else (None, None)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         if resume_state is not None:  # the checkpoint's own model, whatever the flags say
@@ -521,28 +537,36 @@ class Trainer:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(clean, allow_nan=False) + "\n")
 
+    def _eval_sets(self) -> dict:
+        """{domain: iterator of (x, y, forward kwargs)} over the fixed validation windows: the first
+        `eval_batches * batch_size` of each split, the same set for any number of processes."""
+        max_windows = self.cfg.eval_batches * self.cfg.batch_size
+        rank, world = self.dist.rank, self.dist.world_size
+        if self.data_source is not None:
+            return {self.loader.names[0]: self.loader.eval_batches(max_windows, rank, world)}
+        return {name: ((x, y, {}) for x, y, _ in eval_batches(
+                    dataset, self.cfg.block_size, self.cfg.batch_size, max_windows, rank, world,
+                    self.device)) for name, dataset in self.val.items()}
+
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss and perplexity on the fixed validation windows of every domain (the first
-        `eval_batches * batch_size` of each val split, the same set for any number of processes);
+        """Loss (per target token) and perplexity on the fixed validation windows of every domain;
         `val_loss` is the unweighted mean over domains."""
         self.model.eval()
         result = {"step": self.step}
-        max_windows = self.cfg.eval_batches * self.cfg.batch_size
-        for name, dataset in self.val.items():
-            total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, windows
-            for x, y, rows in eval_batches(dataset, self.cfg.block_size, self.cfg.batch_size,
-                                           max_windows, self.dist.rank, self.dist.world_size,
-                                           self.device):
+        for name, batches in self._eval_sets().items():
+            total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, targets
+            for x, y, kwargs in batches:
                 with self.autocast:
-                    loss = self.model(x, y).loss.float()
-                if rows:  # every window has block_size targets: the batch mean times its rows
-                    total += torch.stack([loss.double() * rows, loss.new_tensor(rows).double()])
+                    loss = self.model(x, y, **kwargs).loss.double()
+                n = (y != IGNORE_INDEX).sum().double()
+                # a batch with no target (a rank whose share ran out) has loss NaN and adds nothing
+                total += torch.stack([torch.where(n > 0, loss * n, 0.0), n])
             if self.dist.enabled:
                 torch_dist.all_reduce(total)
-            loss_sum, windows = total.tolist()
-            result[f"val_loss/{name}"] = loss_sum / windows
-            result[f"val_ppl/{name}"] = math.exp(min(loss_sum / windows, 700.0))
+            loss_sum, targets = total.tolist()
+            result[f"val_loss/{name}"] = loss_sum / targets
+            result[f"val_ppl/{name}"] = math.exp(min(loss_sum / targets, 700.0))
         domain_losses = [v for k, v in result.items() if k.startswith("val_loss/")]
         result["val_loss"] = sum(domain_losses) / len(domain_losses)
         self.model.train()
@@ -605,9 +629,12 @@ class Trainer:
             loss = torch.zeros((), device=self.device)
             aux: dict[str, torch.Tensor] = {}
             for micro in range(self.accum):
-                x, y, _ = self.loader.next_batch()
+                x, y, extra = self.loader.next_batch()
+                # a data source may add forward arguments (packed SFT: positions and the mask);
+                # a MixtureLoader's third item is the rows' domains
+                kwargs = extra if isinstance(extra, dict) else {}
                 with self._grad_sync(micro == self.accum - 1), self.autocast:
-                    out = self.wrapped(x, y)
+                    out = self.wrapped(x, y, **kwargs)
                     total = out.loss + sum(out.aux_losses.values())
                     (total / self.accum).backward()
                 loss += out.loss.detach().float() / self.accum
