@@ -404,6 +404,9 @@ class Pipeline:
         read = kept + sum(rejected) + sum(skipped) + sum(unreadable), checked here."""
         filt = [json.loads(self.path("filter", k, ".stats.json").read_text()) for k in range(len(self.shards))]
         fin = [json.loads(self.path("final", k, ".stats.json").read_text()) for k in range(len(self.shards))]
+        if any("documents" not in s for s in filt) or any("unreadable" not in s for s in fin):
+            raise UserError(f"{self.out} holds shards finished by an older minillm that did not account "
+                            "for every record: use a fresh --out-dir")
         rejected, skipped, unreadable = Counter(), Counter(), Counter()
         for s in filt + fin:
             rejected.update(s["rejected"])
