@@ -13,7 +13,8 @@ Runs, each on the same WARCs:
   datasketch MinHash (128 permutations, word 5-grams) and MinHashLSH at 0.8: no language, rules,
   safety, no output files.
 Throughput is MB of HTML (the response payloads) per second, by wall clock and by the CPU time of
-the process (and its workers); each run is repeated (`--repeat`) and the fastest is reported. It also compares
+the process (and its workers); the runs are repeated in interleaved rounds (`--repeat`) and the
+fastest of each is reported, so that a burst of load from other jobs does not favour one of them. It also compares
 the standard-library extractor's text with resiliparse's main content on the same pages: the share
 of its characters in lines resiliparse does not keep (boilerplate kept, or blocks split
 differently) and the share of resiliparse's characters it misses.
@@ -56,17 +57,10 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def timed(fn, repeat: int):
-    """(result, wall s, CPU s) of the fastest of `repeat` runs: on a shared machine the fastest
-    run is the one least disturbed by other work."""
-    best = None
-    for _ in range(repeat):
-        wall, cpu = time.perf_counter(), cpu_seconds()
-        result = fn()
-        wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-        if best is None or wall < best[1]:
-            best = (result, wall, cpu)
-    return best
+def timed(fn):
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    result = fn()
+    return result, time.perf_counter() - wall, cpu_seconds() - cpu
 
 
 def html_pages(warcs: list[str]) -> list[tuple[bytes, str]]:
@@ -86,10 +80,14 @@ def minillm_run(warcs: list[str], extractor: str, workers: int, scratch: Path) -
 
 
 def reference_run(warcs: list[str]) -> dict:
-    from datasketch import MinHash, MinHashLSH
-    from resiliparse.extract.html2text import extract_plain_text
-    from resiliparse.parse.html import HTMLTree
-    from warcio.archiveiterator import ArchiveIterator
+    try:
+        from datasketch import MinHash, MinHashLSH
+        from resiliparse.extract.html2text import extract_plain_text
+        from resiliparse.parse.html import HTMLTree
+        from warcio.archiveiterator import ArchiveIterator
+    except ImportError as e:
+        raise UserError(f"the reference needs {e.name}: pip install -e '.[data,bench]' "
+                        "(or --no-reference)") from None
 
     lsh, kept, duplicates = MinHashLSH(threshold=0.8, num_perm=128), 0, 0
     words_re = re.compile(r"\w+")
@@ -139,7 +137,7 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--extractors", nargs="+", default=["resiliparse", "stdlib"])
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each; the fastest is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of runs; the fastest of each is reported")
     ap.add_argument("--boilerplate-pages", type=int, default=300)
     args = ap.parse_args(argv)
     folder = Path(args.warcs)
@@ -151,17 +149,20 @@ def main(argv=None):
     mb = sum(len(raw) for raw, _ in pages) / 1e6
     print(f"corpus: {len(warcs)} WARCs, {len(pages):,} HTML pages, {mb:.1f} MB of HTML; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    rows = []
+    best = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for extractor in args.extractors:
-            for workers in args.workers:
-                result, wall, cpu = timed(lambda: minillm_run(warcs, extractor, workers, Path(scratch)),
-                                          args.repeat)
-                rows.append((f"minillm, {extractor}, --workers {workers}", result, wall, cpu))
-                print(f"  {rows[-1][0]}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+        runs = [(f"minillm, {extractor}, --workers {workers}",
+                 lambda e=extractor, w=workers: minillm_run(warcs, e, w, Path(scratch)))
+                for extractor in args.extractors for workers in args.workers]
         if not args.no_reference:
-            result, wall, cpu = timed(lambda: reference_run(warcs), args.repeat)
-            rows.append(("reference (warcio, resiliparse, words, datasketch)", result, wall, cpu))
+            runs.append(("reference (warcio, resiliparse, words, datasketch)", lambda: reference_run(warcs)))
+        for round_ in range(args.repeat):  # rounds interleave the runs, so that all meet the same load
+            for name, fn in runs:
+                result, wall, cpu = timed(fn)
+                print(f"  round {round_ + 1}, {name}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+                if name not in best or wall < best[name][1]:
+                    best[name] = (result, wall, cpu)
+    rows = [(name, *best[name]) for name, _ in runs]
     print(f"\n{'run':<54}{'wall s':>8}{'CPU s':>8}{'MB/s wall':>11}{'MB/s CPU':>10}  documents kept")
     for name, result, wall, cpu in rows:
         print(f"{name:<54}{wall:>8.1f}{cpu:>8.1f}{mb / wall:>11.2f}{mb / cpu:>10.2f}  {result['note']}")
