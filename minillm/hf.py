@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .model import GPT, ModelConfig, load_torch_file, rope_inv_freq
+from .model import GPT, DenseFFN, ModelConfig, load_torch_file, rope_inv_freq
 from .tokenizer import GPT2_PATTERN, SentencePieceTokenizer, Tokenizer
 
 CONFIG = "config.json"
@@ -372,6 +372,11 @@ def save_hf(model: GPT, folder: str | Path, dtype: torch.dtype | None = None,
     index when larger than `max_shard_bytes`), and `tokenizer` with its files when given.
     config.json's `bos_token_id` / `eos_token_id` are the tokenizer's (null without one: a
     transformers default such as GPT-2's 50256 may lie outside the vocabulary)."""
+    moe = [i for i, block in enumerate(model.blocks) if not isinstance(block.ffn, DenseFFN)]
+    if moe:
+        raise UserError(f"layers {moe} have Mixture-of-Experts (or other non-dense) FFNs, which "
+                        "the GPT-2 / LLaMA Hugging Face layouts cannot hold; keep minillm's format "
+                        "(MoEfied layers merge back to dense with minillm.moefy.merge_moe)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf = config_to_hf(model.config)

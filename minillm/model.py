@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .moe import MoE, active_matmul_params, moe_from_spec, moe_spec
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 IGNORE_INDEX = -100
@@ -63,6 +64,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # {"<layer>": MoE layer spec (minillm.moe.moe_spec)}: layers whose FFN is a Mixture-of-Experts.
+    # Filled by `GPT.describe()` when a checkpoint is written, so that loading rebuilds the tree.
+    moe_layers: dict | None = None
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -83,6 +87,9 @@ class ModelConfig:
                                      ("position", self.position, ("learned", "rope"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+        for layer in self.moe_layers or {}:
+            if not (str(layer).isdigit() and int(layer) < self.n_layer):
+                raise ValueError(f"moe_layers names layer {layer!r}; the model has {self.n_layer}")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("linear", "llama3"):
             raise ValueError(f"rope_scaling type must be linear or llama3, got {self.rope_scaling}")
 
@@ -335,6 +342,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        for layer, spec in (cfg.moe_layers or {}).items():
+            self.blocks[int(layer)].ffn = moe_from_spec(cfg.n_embd, spec)
         self.norm_f = Norm(cfg.n_embd, cfg.norm, cfg.norm_eps, bias=True)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -373,13 +382,28 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward): 6 per weight used in a matmul, plus
         attention's 12 * n_layer * n_head * head_dim * seq_len (PaLM appendix B). Embedding
         lookups are not matmuls: position tables never count, the token table only when tied to
-        the output layer."""
+        the output layer. An MoE layer counts its router and the top_k experts a token uses."""
         cfg = self.config
         T = seq_len or cfg.block_size
         n = self.num_params(exclude_position_embeddings=True)
         if not cfg.tie_embeddings:
             n -= self.wte.weight.numel()
+        for block in self.blocks:
+            if isinstance(block.ffn, MoE):
+                n += active_matmul_params(block.ffn) - sum(p.numel() for p in block.ffn.parameters())
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+    def describe(self) -> ModelConfig:
+        """The config that rebuilds this module tree, MoE layers included (for checkpoints). A
+        block whose FFN is neither `DenseFFN` nor `MoE` cannot be described: a named error."""
+        moe_layers = {}
+        for i, block in enumerate(self.blocks):
+            if isinstance(block.ffn, MoE):
+                moe_layers[str(i)] = moe_spec(block.ffn)
+            elif not isinstance(block.ffn, DenseFFN):
+                raise TypeError(f"layer {i}'s FFN is a {type(block.ffn).__name__}: minillm "
+                                "checkpoints rebuild DenseFFN and MoE layers only")
+        return replace(self.config, moe_layers=moe_layers or None)
 
     def forward(self, idx: torch.Tensor | None = None, targets: torch.Tensor | None = None, *,
                 inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -445,7 +469,7 @@ class GPT(nn.Module):
 
 def save_model(path, model: GPT, tokenizer: Tokenizer | None = None, extra: dict | None = None) -> None:
     """Weights, config and (optionally) the tokenizer in one file, written atomically."""
-    blob = {"format": "minillm.model", "version": 1, "config": model.config.to_dict(),
+    blob = {"format": "minillm.model", "version": 1, "config": model.describe().to_dict(),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
             "extra": extra or {}}

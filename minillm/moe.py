@@ -25,8 +25,9 @@ present) implement the same semantics.
 
 from __future__ import annotations
 
+import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -327,3 +328,49 @@ def moefy_layers(model: nn.Module, cfg: MoEConfig, layers=None, **moe_kwargs) ->
         device = next(model.blocks[i].parameters()).device
         model.blocks[i].ffn = MoE(d, cfg, **moe_kwargs).to(device)
     return model
+
+
+# --- self-describing MoE layers (checkpoints rebuild the module tree from data) ----------------------
+
+def moe_spec(moe: MoE) -> dict:
+    """Plain data that `moe_from_spec` turns back into the same module tree: the config, which
+    optional tensors exist, and each plan transform as {"type": "minillm.module.Class", **kwargs}
+    (a transform must offer `spec()`; checkpoints never hold pickled code)."""
+    transforms = []
+    for t in moe.plan_transforms:
+        if not hasattr(t, "spec"):
+            raise TypeError(f"plan transform {type(t).__name__} has no spec(): an MoE checkpoint "
+                            "rebuilds its transforms from data, so give it one")
+        transforms.append({"type": f"{type(t).__module__}.{type(t).__qualname__}", **t.spec()})
+    return {"config": asdict(moe.cfg), "plan_transforms": transforms,
+            "expert_down_bias": moe.experts.b_down is not None,
+            "output_bias": moe.output_bias is not None,
+            "unit_permutation": hasattr(moe, "unit_permutation")}
+
+
+def moe_from_spec(d: int, spec: dict) -> MoE:
+    """The MoE layer described by `moe_spec` (weights uninitialised until a state dict loads)."""
+    transforms = []
+    for t in spec.get("plan_transforms", []):
+        kind = t["type"]
+        module, _, name = kind.rpartition(".")
+        if not module.startswith("minillm."):
+            raise ValueError(f"plan transform {kind!r}: only minillm's own transforms are rebuilt")
+        transforms.append(getattr(importlib.import_module(module), name)(
+            **{k: v for k, v in t.items() if k != "type"}))
+    moe = MoE(d, MoEConfig(**spec["config"]), plan_transforms=transforms)
+    if not spec.get("expert_down_bias", moe.experts.b_down is not None):
+        moe.experts.b_down = None
+    if spec.get("output_bias"):
+        moe.output_bias = nn.Parameter(torch.zeros(d))
+    if spec.get("unit_permutation"):
+        moe.register_buffer("unit_permutation",
+                            torch.arange(moe.cfg.num_experts * moe.cfg.expert_hidden))
+    return moe
+
+
+def active_matmul_params(moe: MoE) -> int:
+    """Weights one token multiplies in this layer: the router and top_k experts."""
+    per_expert = sum(p[0].numel() for p in (moe.experts.w_up, moe.experts.w_gate, moe.experts.w_down)
+                     if p is not None)
+    return moe.router.gate.weight.numel() + moe.cfg.top_k * per_expert

@@ -47,6 +47,11 @@ class IntraGPURectification:
         self.num_devices, self.dropped_when, self.eps = num_devices, dropped_when, eps
         self.max_per_expert = max_per_expert  # None: rectified entries are not limited
 
+    def spec(self) -> dict:
+        """Constructor arguments, for MoE checkpoints (minillm.moe.moe_spec)."""
+        return {"num_devices": self.num_devices, "dropped_when": self.dropped_when,
+                "eps": self.eps, "max_per_expert": self.max_per_expert}
+
     def __call__(self, plan: RoutingPlan) -> RoutingPlan:
         T, E = plan.probs_TE.shape
         k, G = plan.top_k, self.num_devices
@@ -100,6 +105,10 @@ class FillInRectification:
         if variant not in ("global", "top_k_plus_one"):
             raise ValueError(f"variant must be global or top_k_plus_one, got {variant!r}")
         self.variant = variant
+
+    def spec(self) -> dict:
+        """Constructor arguments, for MoE checkpoints (minillm.moe.moe_spec)."""
+        return {"variant": self.variant}
 
     def __call__(self, plan: RoutingPlan) -> RoutingPlan:
         T, E = plan.probs_TE.shape

@@ -37,6 +37,7 @@ from .data import DataError, MixtureLoader, TokenDataset, TokenLoader, eval_batc
 from .distributed import DistInfo
 from .errors import UserError
 from .model import GPT, IGNORE_INDEX, ModelConfig, load_model, preset
+from .moe import MoE, MoEConfig, moefy_layers
 from .tokenizer import load_tokenizer
 
 CHECKPOINT_FORMAT = "minillm.train"
@@ -93,6 +94,18 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={"help": "shard with FSDP2 instead of DDP"})
     activation_checkpointing: bool = field(default=False, metadata={
         "help": "recompute block activations in backward (saves memory)"})
+    moe_experts: int = field(default=0, metadata={
+        "help": "experts per MoE layer; 0: a dense model (MoE layers replace FFNs of --moe-layers)"})
+    moe_top_k: int = 2
+    moe_capacity_factor: float = field(default=1.25, metadata={"help": "0: dropless"})
+    moe_expert_hidden: int | None = field(default=None, metadata={
+        "help": "hidden units per expert (default: the dense FFN's)"})
+    moe_layers: list[int] = field(default_factory=list, metadata={
+        "help": "layers whose FFN becomes an MoE layer (default: every other, from layer 1)"})
+    moe_rectify: list[str] = field(default_factory=list, metadata={
+        "help": "Rectify-Router plan transforms: intra and / or fill (scripts/pretrain.py)"})
+    moe_devices: int = field(default=1, metadata={
+        "help": "devices Intra-GPU Rectification assumes the experts are spread over"})
     max_skipped_steps: int = field(default=10, metadata={
         "help": "steps with a non-finite loss or gradient norm that are skipped (no update) before "
                 "the run stops; 0 stops at the first"})
@@ -122,6 +135,18 @@ class TrainConfig:
                 raise UserError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
+            raise UserError(f"--moe-top-k {self.moe_top_k} with --moe-experts {self.moe_experts}: "
+                            "expected 1 <= top-k <= experts")
+        if self.moe_capacity_factor < 0:
+            raise UserError(f"--moe-capacity-factor must be 0 (dropless) or more, got "
+                            f"{self.moe_capacity_factor}")
+        unknown = sorted(set(self.moe_rectify) - {"intra", "fill"})
+        if unknown:
+            raise UserError(f"--moe-rectify {' '.join(unknown)}: expected intra and / or fill")
+        if self.moe_experts and self.moe_experts % self.moe_devices:
+            raise UserError(f"--moe-experts {self.moe_experts} do not split over --moe-devices "
+                            f"{self.moe_devices}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other: pass one of them")
         if not self.data:
@@ -261,7 +286,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo, callbacks: list | None = None,
                  model_config: ModelConfig | None = None, model_transform=None,
-                 data_source=None, tokenizer=None):
+                 data_source=None, tokenizer=None, plan_transforms: list | None = None):
         cfg.validate()
         self.cfg, self.dist, self.callbacks = cfg, dist, list(callbacks or [])
         if cfg.grad_accum % dist.world_size:
@@ -295,6 +320,8 @@ class Trainer:
                                       block_size=cfg.block_size, dropout=cfg.dropout, **sizes)
             self.model = GPT(model_config).to(self.device)
         self._check_model_fits_data()
+        if cfg.moe_experts and not any(isinstance(b.ffn, MoE) for b in self.model.blocks):
+            self._make_moe(plan_transforms)
         self._check_out_dir()  # the first thing that may write (delete, with --overwrite)
         if model_transform is not None:  # e.g. replace FFNs by MoE layers, before the optimizer
             self.model = model_transform(self.model).to(self.device)
@@ -322,6 +349,22 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
         self.peak_flops = peak_flops(self.device)
+
+    def _make_moe(self, plan_transforms: list | None) -> None:
+        """MoE layers by flags. Plan transforms are objects (`plan_transforms`): the library does
+        not import methods; scripts/pretrain.py turns --moe-rectify names into them."""
+        cfg, model_cfg = self.cfg, self.model.config
+        if cfg.moe_rectify and plan_transforms is None:
+            raise UserError(f"--moe-rectify {' '.join(cfg.moe_rectify)} needs the transforms: "
+                            "pass Trainer(plan_transforms=...) (scripts/pretrain.py does)")
+        layers = cfg.moe_layers or list(range(1, model_cfg.n_layer, 2))
+        bad = [i for i in layers if not 0 <= i < model_cfg.n_layer]
+        if bad or not layers:
+            raise UserError(f"--moe-layers {layers}: the model has layers 0 to {model_cfg.n_layer - 1}")
+        moe_cfg = MoEConfig(num_experts=cfg.moe_experts, top_k=cfg.moe_top_k,
+                            expert_hidden=cfg.moe_expert_hidden or model_cfg.ffn_hidden,
+                            activation=model_cfg.activation, capacity_factor=cfg.moe_capacity_factor)
+        moefy_layers(self.model, moe_cfg, layers, plan_transforms=list(plan_transforms or []))
 
     def _load_initial_model(self, source: str) -> GPT:
         """Weights to continue from; the data must have been tokenized with the model's tokenizer."""
@@ -403,7 +446,7 @@ class Trainer:
                  "loader": self._per_rank(self.loader.state_dict()),
                  "rng": self._per_rank(torch.get_rng_state()),
                  "train_config": dataclasses.asdict(self.cfg),
-                 "model_config": self.model.config.to_dict(), "tokenizer": self.tokenizer.to_dict()}
+                 "model_config": self.model.describe().to_dict(), "tokenizer": self.tokenizer.to_dict()}
         if self.device.type == "cuda":
             state["cuda_rng"] = self._per_rank(torch.cuda.get_rng_state(self.device))
         return state

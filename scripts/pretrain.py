@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 scripts/pretrain.py --preset gpt2 --block-size 1024 \\
         --batch-size 16 --grad-accum 32 --data data/web --out-dir out/gpt2
     python scripts/pretrain.py --out-dir out/gpt2 --resume true     # continue the latest checkpoint
+    python scripts/pretrain.py --moe-experts 8 --moe-top-k 1 --moe-rectify intra fill  # an MoE model
 
 Every field of minillm.train.TrainConfig is a flag (see --help). `--resume true` continues with the
 settings saved in the checkpoint: flags given with it override them where that is safe (such as
@@ -19,7 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm import distributed  # noqa: E402
 from minillm.cli import given_fields, parse_config  # noqa: E402
 from minillm.errors import run_main  # noqa: E402
+from minillm.rectify_router import FillInRectification, IntraGPURectification  # noqa: E402
 from minillm.train import TrainConfig, Trainer, resume_config  # noqa: E402
+
+
+def plan_transforms(cfg: TrainConfig) -> list:
+    """--moe-rectify names as Rectify-Router plan transforms, Intra-GPU first (as in the paper)."""
+    made = {"intra": lambda: IntraGPURectification(num_devices=cfg.moe_devices),
+            "fill": lambda: FillInRectification()}
+    return [made[name]() for name in ("intra", "fill") if name in cfg.moe_rectify]
 
 
 def main(argv=None):
@@ -28,7 +37,7 @@ def main(argv=None):
         cfg = resume_config(cfg, given_fields(TrainConfig, argv))
     dist = distributed.setup(cfg.device)
     try:
-        Trainer(cfg, dist).train()
+        Trainer(cfg, dist, plan_transforms=plan_transforms(cfg)).train()
     finally:
         distributed.cleanup()
 
