@@ -1,0 +1,180 @@
+"""Emergent modularity: AP, the hypergeometric tail, Spearman and the assignment against brute
+force; a planted toy whose one expert carries a function is found, and perturbing it hurts that
+function only; bad input is a named error; the evidence script at a tiny size."""
+
+import importlib.util
+import itertools
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from sklearn.metrics import average_precision_score
+
+from minillm.errors import UserError
+from minillm.model import GPT, ModelConfig
+from minillm.modularity import (ProbingSet, average_precision, collect_activations, emergence,
+                                expert_units, find_functional_experts, function_loss, hypergeom_sf,
+                                match_partition, min_cost_assignment, modularity_summary,
+                                moefication_partitions, predictivity, random_baseline, rankdata,
+                                spearman)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "modularity.py"
+
+
+def brute_ap(scores, y):
+    """Mean over positives of the precision among examples scored at least as high."""
+    return np.mean([np.mean(y[scores >= s]) for s in scores[y == 1]])
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 1)), min_size=2, max_size=40))
+def test_average_precision_matches_brute_force_and_scikit_learn_with_ties(pairs):
+    scores = np.array([s for s, _ in pairs], dtype=float)  # few distinct values: many ties
+    y = np.array([c for _, c in pairs])
+    if y.sum() == 0:
+        return
+    assert average_precision(scores, y) == pytest.approx(brute_ap(scores, y), abs=1e-12)
+    assert average_precision(scores, y) == pytest.approx(average_precision_score(y, scores), abs=1e-12)
+
+
+def test_average_precision_columns_and_predictivity():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 50)
+    acts = rng.normal(size=(50, 6))
+    acts[:, 0] = y  # perfectly predictive
+    acts[:, 1] = -y  # perfectly predictive in the other direction: AP(1 - y) is 1
+    columns = average_precision(acts, y)
+    for j in range(6):
+        assert columns[j] == pytest.approx(brute_ap(acts[:, j], y))
+    pred = predictivity(acts, y)
+    assert pred[0] == pred[1] == 1.0 and (pred[2:] < 1).all()
+
+
+@pytest.mark.parametrize("M,n,N", [(10, 3, 4), (12, 6, 6), (7, 7, 2), (9, 2, 9), (20, 5, 1)])
+def test_hypergeometric_tail_equals_exact_sums(M, n, N):
+    for k in range(-1, min(n, N) + 2):
+        exact = sum(Fraction(math.comb(n, x) * math.comb(M - n, N - x), math.comb(M, N))
+                    for x in range(max(k, 0), min(n, N) + 1))
+        assert hypergeom_sf(k, M, n, N) == pytest.approx(float(exact), rel=1e-12, abs=1e-300)
+
+
+def test_hypergeometric_tail_at_paper_size_is_finite_and_tiny():
+    # 3072 neurons, experts of 192, the top 1% (31) all in one expert: exact binomials overflow
+    p = hypergeom_sf(31, 3072, 192, 31)
+    assert 0 < p < 1e-30
+
+
+def test_rankdata_spearman_and_assignment_against_brute_force():
+    assert list(rankdata([3, 1, 3, 2])) == [3.5, 1, 3.5, 2]
+    rng = np.random.default_rng(1)
+    a, b = rng.permutation(12), rng.permutation(12)
+    d = rankdata(a) - rankdata(b)
+    assert spearman(a, b) == pytest.approx(1 - 6 * (d * d).sum() / (12 * (144 - 1)))
+    for n in (1, 3, 5):
+        cost = rng.integers(0, 10, (n, n)).astype(float)
+        best = min(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+        assignment = min_cost_assignment(cost)
+        assert sorted(assignment) == list(range(n))
+        assert sum(cost[i, assignment[i]] for i in range(n)) == best
+
+
+def test_matched_partition_and_emergence_recover_relabelled_experts():
+    rng = np.random.default_rng(2)
+    part = np.repeat(np.arange(4), 8)
+    relabelled = np.array([2, 0, 3, 1])[part]  # the same clusters under other names
+    assert np.array_equal(match_partition(relabelled, part), part)
+    pred = {0: {"f": rng.random(32), "g": rng.random(32)}}
+    rows = emergence([pred, pred], [{0: relabelled}, {0: part}])
+    assert rows == [{"neuron": 1.0, "expert_final": 1.0, "expert_matched": 1.0}]
+    noisy = {0: {f: p + rng.normal(0, 0.3, 32) for f, p in pred[0].items()}}
+    row = emergence([pred, noisy], [{0: part}, {0: part}])[0]
+    assert row["neuron"] < 1 and -1 <= row["expert_final"] <= 1
+
+
+# --- a planted toy: expert 1 of layer 0 alone detects the trigger token and answers for it -------------
+
+TRIGGER, YES, NO, SPARE = 5, 1, 0, 15
+
+
+def planted_model() -> GPT:
+    """One layer, attention silenced, one-hot embeddings. FFN units 8-15 (expert 1 of four experts
+    of 8) fire on the trigger token and write +1 on a spare dimension that the output layer reads
+    as YES minus NO; the other units have random inputs and write nothing."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=16, ffn_hidden=32,
+                      activation="relu", tie_embeddings=False)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.blocks[0].norm1.weight.fill_(1)
+        model.blocks[0].norm2.weight.fill_(1)
+        model.norm_f.weight.fill_(1)
+        model.wte.weight[:14, :14] = 3 * torch.eye(14)
+        ffn = model.blocks[0].ffn
+        ffn.up.weight.normal_(0, 0.3)
+        ffn.up.weight[8:16] = 0
+        ffn.up.weight[8:16, TRIGGER] = 1
+        ffn.up.bias[8:16] = -1
+        ffn.down.weight[SPARE, 8:16] = 1
+        ffn.down.bias[SPARE] = -1
+        model.lm_head.weight[YES, SPARE] = 1
+        model.lm_head.weight[NO, SPARE] = -1
+    return model
+
+
+def planted_probe(n=64, seed=0) -> ProbingSet:
+    """Prompts of random tokens ending with the trigger (label 1, answer YES) or not (0, NO)."""
+    rng = np.random.default_rng(seed)
+    others = [t for t in range(2, 14) if t != TRIGGER]
+    tokens, labels = [], []
+    for i in range(n):
+        label = i % 2
+        prompt = list(rng.choice(others, 5)) + [TRIGGER if label else int(rng.choice(others))]
+        tokens.append([int(t) for t in prompt] + [YES if label else NO])
+        labels.append(label)
+    return ProbingSet("trigger", tokens, np.array(labels), answer_start=[6] * n)
+
+
+def test_planted_expert_is_found_and_perturbing_it_hurts_its_function_only():
+    model, probe = planted_model(), planted_probe()
+    acts = collect_activations(model, probe, batch_size=10)  # streamed in several batches
+    assert acts[0].shape == (64, 32)
+    pred = predictivity(acts[0], probe.labels)
+    assert (pred[8:16] == 1).all() and (pred[np.r_[0:8, 16:32]] < 1).all()
+    partition = np.repeat(np.arange(4), 8)
+    test = find_functional_experts(pred, partition, share=0.25, alpha=1e-3)
+    assert test.functional.tolist() == [False, True, False, False]
+    assert test.counts.tolist() == [0, 8, 0, 0] and test.expected.tolist() == [2, 2, 2, 2]
+    summary = modularity_summary({0: {"trigger": pred}}, {0: partition}, share=0.25)
+    assert summary["functional_share"] == 0.25 and summary["extent"] == 4.0
+    assert random_baseline({0: {"trigger": pred}}, {0: partition}, share=0.25)["functional_share"] < 0.05
+
+    units = expert_units({0: test}, {0: partition}, k=2)  # only the functional one of the top 2
+    assert units[0].tolist() == list(range(8, 16))
+    clean = function_loss(model, probe)
+    assert function_loss(model, probe, {0: units[0]}) > clean + 0.3
+    # neurons that write nothing: perturbing them changes nothing at all
+    assert function_loss(model, probe, {0: np.arange(16, 32)}) == clean
+
+
+def test_bad_input_is_a_named_error():
+    with pytest.raises(UserError, match="one class only"):
+        ProbingSet("all-ones", [[1, 2], [3, 4]], np.array([1, 1]))
+    model, probe = planted_model(), planted_probe(16)
+    pred = predictivity(collect_activations(model, probe)[0], probe.labels)
+    test = find_functional_experts(pred, np.repeat(np.arange(4), 8), share=0.25)
+    with pytest.raises(UserError, match="k 5 must be between 1 and the 4 experts"):
+        expert_units({0: test}, {0: np.repeat(np.arange(4), 8)}, k=5)
+    with pytest.raises(UserError, match="do not split into 64 equal experts"):
+        moefication_partitions(model, num_experts=64)
+    swiglu = GPT(ModelConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=16,
+                             activation="swiglu"))
+    with pytest.raises(UserError, match="activation 'swiglu' is not supported"):
+        collect_activations(swiglu, probe)
+    with pytest.raises(UserError, match="has no answers"):
+        function_loss(model, ProbingSet("x", probe.tokens, probe.labels))
