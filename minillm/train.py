@@ -447,6 +447,7 @@ class Trainer:
                  "rng": self._per_rank(torch.get_rng_state()),
                  "train_config": dataclasses.asdict(self.cfg),
                  "model_config": self.model.describe().to_dict(), "tokenizer": self.tokenizer.to_dict()}
+        state["callbacks"] = self._callback_states()  # e.g. SSD's phase (see "swapping modules")
         if self.device.type == "cuda":
             state["cuda_rng"] = self._per_rank(torch.cuda.get_rng_state(self.device))
         return state
@@ -549,6 +550,7 @@ class Trainer:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"][self.dist.rank], self.device)
         self.step = state["step"]
+        self._load_callback_states(path, state.get("callbacks", {}))
         self.skipped_steps.fill_(state.get("skipped_steps", 0))
         self.checkpoint_path = path
         self._truncate_metrics()
@@ -648,6 +650,73 @@ class Trainer:
                 f"{int(self.last_skipped_step)}), more than --max-skipped-steps "
                 f"{self.cfg.max_skipped_steps}; their updates were skipped and the run stops "
                 f"without saving. {self._last_good()}. Lower --lr or raise --warmup-steps")
+
+    # --- swapping modules between steps (SSD, minillm/ssd.py) ------------------------------------
+    # A callback may replace submodules between steps (dense FFNs by MoE layers and back). The
+    # optimizer is rebuilt for the new parameters and the wrapper (compile, DDP) around the model;
+    # AdamW's moments follow the weights through the same `carry` map that moved the weights, so
+    # that a swap and its inverse with no step between leave weights and moments bit-identical.
+
+    def swap_modules(self, swaps: dict) -> None:
+        """Replace submodules: {path ("blocks.1.ffn"): (new module, carry)}. `carry` maps the old
+        module's {parameter name: tensor} to the new module's (e.g. `minillm.moefy.dense_to_experts`);
+        it is applied to every per-parameter optimizer tensor (exp_avg, exp_avg_sq), and the step
+        count is copied. Parameters of the new module that `carry` does not produce start with
+        fresh moments; parameters outside the swapped modules keep theirs. Every rank must swap
+        alike at the same step (DDP is rebuilt, which broadcasts rank 0's weights)."""
+        if self.cfg.fsdp:
+            raise UserError("swapping modules between steps (SSD's dense <-> sparse switch) is not "
+                            "supported under FSDP (--fsdp): the shards would have to be rebuilt; "
+                            "run with DDP")
+        old_state = self.optimizer.state
+        carried = {}
+        for path, (module, carry) in swaps.items():
+            parent_path, _, name = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path)
+            old_params = dict(getattr(parent, name).named_parameters())
+            states = {n: old_state[p] for n, p in old_params.items() if old_state.get(p)}
+            module = module.to(self.device)
+            new_params = dict(module.named_parameters())
+            if states:
+                step = next(iter(states.values())).get("step")
+                keys = {k for s in states.values() for k, v in s.items()
+                        if k != "step" and isinstance(v, torch.Tensor)}
+                per_key = {k: carry({n: s[k] for n, s in states.items() if k in s}) for k in keys}
+                for k, mapped in per_key.items():
+                    for n, tensor in mapped.items():
+                        entry = carried.setdefault(new_params[n], {})
+                        entry[k] = tensor.to(self.device)
+                        if step is not None:
+                            entry["step"] = step.clone()
+            setattr(parent, name, module)
+        kept = {p: old_state[p] for p in self.model.parameters() if p in old_state}
+        self.optimizer = make_optimizer(self.model, self.cfg, self.device)
+        for p in self.model.parameters():
+            if p in kept:
+                self.optimizer.state[p] = kept[p]
+            elif p in carried:
+                self.optimizer.state[p] = carried[p]
+        self.wrapped = self.model
+        if self.cfg.compile:
+            self.wrapped = torch.compile(self.wrapped)
+        if self.dist.enabled:
+            self.wrapped = DDP(self.wrapped, device_ids=[self.dist.local_rank]
+                               if self.device.type == "cuda" else None)
+
+    def _callback_states(self) -> dict:
+        """{key: state} of every callback with `state_dict()` (key: its `state_key` or class name),
+        saved in the checkpoint so that a method's schedule resumes exactly."""
+        return {getattr(cb, "state_key", type(cb).__name__): cb.state_dict()
+                for cb in self.callbacks if hasattr(cb, "state_dict")}
+
+    def _load_callback_states(self, path: Path, states: dict) -> None:
+        for cb in self.callbacks:
+            if hasattr(cb, "load_state_dict"):
+                key = getattr(cb, "state_key", type(cb).__name__)
+                if key not in states:
+                    raise UserError(f"{path} holds no state of the {key} callback: it was written "
+                                    "by a run without it, and cannot be resumed with it")
+                cb.load_state_dict(states[key], self)
 
     # --- the loop ---
     def train(self) -> list[dict]:
