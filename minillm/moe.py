@@ -104,7 +104,7 @@ def assign_slots(expert_N: torch.Tensor, priority_N: torch.Tensor, num_experts: 
     order = torch.argsort(priority_N, stable=True)
     if expert_N.is_cuda:
         from . import moe_kernels
-        if moe_kernels.available():
+        if moe_kernels.enabled():
             return moe_kernels.slots(order, expert_N, torch.zeros_like(expert_N), num_experts,
                                      capacity)[0]
     by_expert = torch.argsort(expert_N[order], stable=True)
@@ -256,12 +256,12 @@ def routing_stats(plan: RoutingPlan, num_tokens: int) -> dict[str, torch.Tensor]
 
 
 def _dispatch_combine(x_Td: torch.Tensor, plan: RoutingPlan):
-    """The CUDA kernels (minillm/moe_kernels.py) on a GPU with CuPy, else the reference."""
+    """The CUDA kernels (minillm/moe_kernels.py) when enabled and available, else the reference
+    (`available()` logs once why the kernels are missing)."""
     if x_Td.is_cuda:
         from . import moe_kernels
-        if moe_kernels.available():  # (other dtypes fall back to the reference inside)
+        if moe_kernels.enabled():  # (other dtypes fall back to the reference inside)
             return moe_kernels.dispatch_combine_fns(plan, x_Td.shape[0])
-        moe_kernels.log_fallback()
     return (lambda x: dispatch(x, plan)), (lambda out: combine(out, plan, x_Td.shape[0]))
 
 

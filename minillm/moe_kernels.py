@@ -1,10 +1,13 @@
-"""The CUDA path of MoE dispatch and combine: `cuda/moe.cu`, compiled by CuPy and wrapped as
+"""The CUDA path of MoE dispatch and combine: `minillm/cuda/moe.cu` (package data, so installed
+wheels carry it), compiled by CuPy and wrapped as
 autograd Functions with the semantics of `minillm.moe.dispatch` / `combine` (slots -1 dropped;
 entries outside the buffer are left to the reference path).
 
-Tensors go to the kernels zero-copy through DLPack, and kernels run on PyTorch's current stream.
-The module is compiled once per process (and cached on disk by CuPy). Without CuPy or a GPU,
-`available()` is False and minillm.moe uses its PyTorch reference; `log_fallback()` says so once.
+Tensors go to the kernels zero-copy through DLPack (detached: torch refuses to export a tensor that
+requires grad), and kernels run on the tensor's device, on PyTorch's current stream there. The
+module is compiled and loaded once per process (and cached on disk by CuPy). `available()` is
+False without CuPy or a GPU, and also when compiling or loading the kernels fails (e.g. a driver
+older than CuPy's CUDA); minillm.moe then uses its PyTorch reference, and one log line says why.
 
 Host synchronisations: none in dispatch / combine themselves. Building the plan's CSR index for
 combine sorts entries by token on the device; the buffer size C is known before (capacity rule).
@@ -12,14 +15,16 @@ combine sorts entries by token on the device; the buffer size C is known before 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.resources
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parents[1] / "cuda" / "moe.cu"
+SOURCE = Path(str(importlib.resources.files("minillm") / "cuda" / "moe.cu"))
 KERNELS = ("moe_slots", "moe_dispatch_f32", "moe_dispatch_bf16", "moe_combine_f32",
            "moe_combine_bf16", "moe_weight_grad_f32", "moe_weight_grad_bf16")
 THREADS = 256
@@ -36,18 +41,38 @@ def cuda_include_dir() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
+    """True when the kernels compiled and loaded on the GPU; else False, with one log line."""
     if not torch.cuda.is_available():
-        return False
+        return _fall_back("no CUDA GPU")
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return False
+        return _fall_back("CuPy is not installed (pip install -e .[cuda13])")
+    try:
+        for name in KERNELS:  # compiles, then loads the module onto the current device
+            _kernel(name)
+    except Exception as e:  # a compile error, a driver / toolkit mismatch, a missing header
+        return _fall_back(f"the CUDA kernels did not build or load ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
     return True
 
 
-@functools.lru_cache(maxsize=1)
-def log_fallback() -> None:
-    log.warning("minillm MoE: CuPy or a CUDA GPU is missing; using the PyTorch reference dispatch")
+# Whether minillm.moe uses the kernels when they are available. The switch for a measured loss to
+# the PyTorch reference on a GPU (scripts/bench/moe_dispatch.py prints the verdict): set this to
+# False to make the reference the default; MINILLM_MOE_KERNELS=1 / 0 overrides it either way.
+KERNELS_BY_DEFAULT = True
+
+
+def enabled() -> bool:
+    """Use the kernels: opted in (KERNELS_BY_DEFAULT or MINILLM_MOE_KERNELS=1) and available()."""
+    choice = os.environ.get("MINILLM_MOE_KERNELS", "").strip()
+    wanted = KERNELS_BY_DEFAULT if choice == "" else choice not in ("0", "false", "no", "off")
+    return wanted and available()
+
+
+def _fall_back(reason: str) -> bool:
+    log.warning("minillm MoE: %s; using the PyTorch reference dispatch and combine", reason)
+    return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,17 +88,27 @@ def _kernel(name: str):
     return _module().get_function(name)
 
 
-def _cp(t: torch.Tensor):
-    """A zero-copy CuPy view. bf16 goes as int16 bits: the kernels only need the pointer, and
+def to_array(t: torch.Tensor, from_dlpack):
+    """A zero-copy array view of `t` for `from_dlpack` (cupy.from_dlpack for the kernels). The
+    tensor is detached first: torch refuses to export one that requires grad, also inside an
+    autograd Function's forward. bf16 goes as int16 bits: the kernels only need the pointer, and
     CuPy's DLPack import of bf16 needs an extra package (ml_dtypes)."""
-    import cupy
-    t = t.contiguous()
-    return cupy.from_dlpack(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
+    t = t.detach().contiguous()
+    return from_dlpack(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
 
 
-def _stream():
+def _cp(t: torch.Tensor):
     import cupy
-    return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    return to_array(t, cupy.from_dlpack)
+
+
+@contextlib.contextmanager
+def _on_device(t: torch.Tensor):
+    """Launch on `t`'s device (not the current one), on PyTorch's current stream there."""
+    import cupy
+    with torch.cuda.device(t.device), cupy.cuda.Device(t.device.index):
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream):
+            yield
 
 
 def _vectorizable(*tensors: torch.Tensor) -> bool:
@@ -99,7 +134,7 @@ def slots(order_N: torch.Tensor, expert_N: torch.Tensor, token_N: torch.Tensor, 
     slot_N = torch.full((n,), -1, dtype=torch.long, device=expert_N.device)
     row_token = torch.full((num_experts * capacity,), -1, dtype=torch.long, device=expert_N.device)
     count_E = torch.zeros(num_experts, dtype=torch.long, device=expert_N.device)
-    with _stream():
+    with _on_device(expert_N):
         _kernel("moe_slots")((num_experts,), (THREADS,),
                              (_cp(order_N.long()), _cp(expert_N.long()), _cp(token_N.long()),
                               _cp(slot_N), _cp(row_token), _cp(count_E), np.int32(n),
@@ -115,7 +150,7 @@ def _dispatch(x_Td: torch.Tensor, row_token: torch.Tensor, row_scale: torch.Tens
     d = x_Td.shape[-1]
     buf = torch.empty(rows, d, dtype=x_Td.dtype, device=x_Td.device)
     scale = row_scale if row_scale is not None else torch.empty(1, device=x_Td.device)
-    with _stream():
+    with _on_device(x_Td):
         _kernel(f"moe_dispatch_{_suffix(x_Td)}")(
             (rows,), (THREADS,),
             (_cp(x_Td), _cp(row_token), _cp(scale.float()), _cp(buf), np.int32(d),
@@ -130,7 +165,7 @@ def _combine(out_Rd: torch.Tensor, rows_M: torch.Tensor, weight_M: torch.Tensor,
     out_Rd = out_Rd.contiguous()
     d = out_Rd.shape[-1]
     y = torch.empty(num_tokens, d, dtype=out_Rd.dtype, device=out_Rd.device)
-    with _stream():
+    with _on_device(out_Rd):
         _kernel(f"moe_combine_{_suffix(out_Rd)}")(
             (num_tokens,), (THREADS,),
             (_cp(out_Rd), _cp(rows_M), _cp(weight_M.float()), _cp(offsets), _cp(y), np.int32(d),
@@ -184,7 +219,7 @@ class Combine(torch.autograd.Function):
                                 torch.zeros_like(row_entry, dtype=torch.float32))
         grad_out = _dispatch(grad_y, row_token, row_scale, out_Rd.shape[0])
         grad_w = torch.empty(len(rows_M), dtype=torch.float32, device=grad_y.device)
-        with _stream():
+        with _on_device(grad_y):
             _kernel(f"moe_weight_grad_{_suffix(out_Rd)}")(
                 (len(rows_M),), (THREADS,),
                 (_cp(out_Rd.contiguous()), _cp(grad_y), _cp(rows_M), _cp(tokens_M), _cp(grad_w),

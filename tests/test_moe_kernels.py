@@ -87,3 +87,82 @@ def test_rectified_moe_on_gpu_equals_cpu():
     y_cpu, _ = cpu(x)
     y_gpu, _ = gpu(x.cuda())
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
+
+
+# --- the loader on the CPU: DLPack boundary, fallback, package data -------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conversion_detaches_a_tensor_that_requires_grad(dtype):
+    """Issue 10, bug 1: fp32 training handed tensors that require grad to DLPack, which torch
+    refuses. numpy's from_dlpack stands in for CuPy's on the CPU."""
+    import numpy as np
+
+    x = torch.randn(3, 8, dtype=dtype, requires_grad=True)
+    with pytest.raises((BufferError, RuntimeError)):
+        np.from_dlpack(x)  # what the old boundary did
+    a = moe_kernels.to_array(x, np.from_dlpack)
+    assert a.ctypes.data == x.data_ptr()  # zero copy
+    bits = x.detach().view(torch.int16) if dtype == torch.bfloat16 else x.detach()
+    assert np.array_equal(a, bits.numpy())
+
+
+def test_available_falls_back_with_one_log_line_when_the_kernels_do_not_load(monkeypatch, caplog):
+    """Issue 10, bug 5: CuPy importing is not enough; a compile or driver failure means the
+    reference, said once."""
+    pytest.importorskip("cupy")
+
+    def broken(name):
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(moe_kernels, "_kernel", broken)
+    moe_kernels.available.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="minillm.moe_kernels"):
+            assert moe_kernels.available() is False
+            assert moe_kernels.enabled() is False
+            assert moe_kernels.available() is False
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "cudaErrorInsufficientDriver" in lines[0], lines
+    finally:
+        moe_kernels.available.cache_clear()
+
+
+def test_kernel_switch(monkeypatch):
+    monkeypatch.setattr(moe_kernels, "available", lambda: True)
+    for env, default, expected in (("", True, True), ("", False, False), ("1", False, True),
+                                   ("0", True, False)):
+        monkeypatch.setenv("MINILLM_MOE_KERNELS", env)
+        monkeypatch.setattr(moe_kernels, "KERNELS_BY_DEFAULT", default)
+        assert moe_kernels.enabled() is expected
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_carries_the_cuda_source(tmp_path):
+    """Issue 10, bug 4: build a wheel from a copy of the project, unpack it as pip would install
+    it, and find the source from there."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    shutil.copytree(repo / "minillm", src / "minillm",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "wheel"), str(src)], check=True, timeout=300)
+    wheel = next((tmp_path / "wheel").glob("minillm-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        assert "minillm/cuda/moe.cu" in z.namelist()
+        z.extractall(tmp_path / "site")
+    out = subprocess.run(
+        [sys.executable, "-c", "from minillm import moe_kernels as m; print(m.SOURCE); "
+         "assert m.SOURCE.is_file() and 'moe_combine_bf16' in m.SOURCE.read_text()"],
+        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""}, capture_output=True,
+        text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).is_relative_to(tmp_path / "site")
