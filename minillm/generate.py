@@ -7,7 +7,10 @@ Hence a batch produces the same tokens as each prompt alone.
 
 `LanguageModel` is the small interface that evaluation and reasoning methods code against
 (`generate` text for a batch of prompts, `score` continuations by log-likelihood); `LocalLM` is
-minillm's implementation, and a remote model can stand in by implementing the same two methods.
+minillm's implementation, and a remote model can stand in by implementing the same two methods
+(`minillm.backends.OpenAIClient` speaks to any OpenAI-compatible server). `generate` returns
+`Completion`s: strings that also carry what token budgets need (prompt and completion token
+counts) and, where the backend offers them, the generated tokens' log-probabilities.
 """
 
 from __future__ import annotations
@@ -67,10 +70,13 @@ def _mask(valid_BK: torch.Tensor, T: int) -> torch.Tensor:
 def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, eos_id: int | None = None, use_cache: bool = True,
-                 should_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+                 should_stop: Callable[[int, list[int]], bool] | None = None,
+                 return_logprobs: bool = False):
     """New token ids for each prompt (ids), at most `max_new_tokens` each. A row ends at `eos_id`
     (not included) or when `should_stop(row, new_ids)` is true (its last token is kept).
-    `use_cache=False` recomputes the whole sequence every step (reference and benchmark)."""
+    `use_cache=False` recomputes the whole sequence every step (reference and benchmark).
+    With `return_logprobs`, returns (ids, logprobs): each kept token's log-probability under the
+    model's own distribution (temperature 1, no top-k / top-p), what policy-gradient methods use."""
     device = model.wte.weight.device
     ids_BL, valid_BL = _left_pad(prompts, device)
     B, L = ids_BL.shape
@@ -88,10 +94,13 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     logits_BV = model(ids_BL, position_ids=positions_BL, attn_mask=_mask(valid_BL, L),
                       kv_cache=cache).logits[:, -1]
     new = [[] for _ in range(B)]
+    new_logprobs = [[] for _ in range(B)]
     done = [False] * B
     seq_BK, valid_BK, pos_B = ids_BL, valid_BL, positions_BL[:, -1]
     for step in range(max_new_tokens):
         next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
+        if return_logprobs:
+            logp_B = F.log_softmax(logits_BV.float(), dim=-1).gather(1, next_B[:, None])[:, 0].tolist()
         for b, token in enumerate(next_B.tolist()):
             if done[b]:
                 continue
@@ -99,6 +108,8 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
                 done[b] = True
                 continue
             new[b].append(token)
+            if return_logprobs:
+                new_logprobs[b].append(logp_B[b])
             if should_stop is not None and should_stop(b, new[b]):
                 done[b] = True
         if all(done) or step == max_new_tokens - 1:
@@ -114,7 +125,7 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
             out = model(seq_BK, position_ids=positions_BK, attn_mask=_mask(valid_BK, seq_BK.shape[1]))
         logits_BV = out.logits[:, -1]
     model.train(was_training)
-    return new
+    return (new, new_logprobs) if return_logprobs else new
 
 
 @torch.no_grad()
@@ -145,53 +156,105 @@ def continuation_logprobs(model: GPT, contexts: Sequence[Sequence[int]],
 
 # --- the language-model interface -------------------------------------------------------------------
 
+class Completion(str):
+    """Generated text that also carries its accounting. It is a `str` (the text, cut before any
+    stop string), so code that wants only text uses it as one; budgets read the fields:
+
+    prompt_tokens, completion_tokens: token counts as the backend reports them (None if it does
+        not); completion_tokens counts every generated token, a cut stop string's included.
+    token_logprobs: log-probability of each generated token under the model (None where the
+        backend offers none); token_ids: the generated ids (local models only).
+    finish_reason: "stop" (end of text or a stop string) or "length" (max_new_tokens reached).
+    String operations (slicing, strip) return plain strings."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    token_logprobs: list[float] | None
+    token_ids: list[int] | None
+    finish_reason: str | None
+
+    def __new__(cls, text: str, prompt_tokens: int | None = None,
+                completion_tokens: int | None = None, token_logprobs: list[float] | None = None,
+                token_ids: list[int] | None = None, finish_reason: str | None = None):
+        self = super().__new__(cls, text)
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+        self.token_logprobs, self.token_ids = token_logprobs, token_ids
+        self.finish_reason = finish_reason
+        return self
+
+    @property
+    def text(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
+        return self.prompt_tokens + self.completion_tokens
+
+
 class LanguageModel(Protocol):
     """What evaluation and reasoning code needs from a model, local or remote."""
 
     def generate(self, prompts: list[str], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, stop: Sequence[str] = (),
-                 seed: int | None = None) -> list[str]:
-        """One completion per prompt, cut before the first stop string."""
+                 seed: int | None = None) -> list[Completion]:
+        """One completion per prompt, cut before the first stop string. With a seed, equal prompts
+        in one call still get different samples (each prompt has its own stream)."""
 
     def score(self, contexts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
         """(sum of log-probabilities, number of tokens) of each continuation given its context."""
 
 
 class LocalLM:
-    """`LanguageModel` over a minillm model and tokenizer, in batches of `batch_size`."""
+    """`LanguageModel` over a minillm model and tokenizer, in batches of `batch_size`.
+    `truncate_left=True` cuts prompts and contexts from the left to fit a model with learned
+    positions (the default raises instead); `truncated` counts the texts cut so far."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 16):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 16,
+                 truncate_left: bool = False):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.truncate_left, self.truncated = truncate_left, 0
 
-    def _encode_context(self, text: str) -> list[int]:
+    def _encode_context(self, text: str, room: int = 0) -> list[int]:
         # An empty context starts after a document separator, as documents do in training data.
-        return self.tokenizer.encode_ordinary(text) or [self.tokenizer.eot_id]
+        ids = self.tokenizer.encode_ordinary(text) or [self.tokenizer.eot_id]
+        limit = self.model.config.block_size - room
+        if self.truncate_left and self.model.wpe is not None and len(ids) > limit:
+            self.truncated += 1
+            ids = ids[len(ids) - max(limit, 1):]
+        return ids
 
     def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None,
                  stop=(), seed=None):
         results = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = [self._encode_context(p) for p in prompts[start:start + self.batch_size]]
+            batch = [self._encode_context(p, max_new_tokens - 1)
+                     for p in prompts[start:start + self.batch_size]]
 
             def should_stop(_, new_ids):
                 tail = self.tokenizer.decode(new_ids[-32:])  # a stop string spans few tokens
                 return any(s in tail for s in stop)
 
-            ids = generate_ids(self.model, batch, max_new_tokens, temperature, top_k, top_p,
-                               seed=None if seed is None else seed + start,
-                               eos_id=self.tokenizer.eot_id, should_stop=should_stop if stop else None)
-            for new_ids in ids:
+            ids, logprobs = generate_ids(
+                self.model, batch, max_new_tokens, temperature, top_k, top_p,
+                seed=None if seed is None else seed + start, eos_id=self.tokenizer.eot_id,
+                should_stop=should_stop if stop else None, return_logprobs=True)
+            for prompt_ids, new_ids, logps in zip(batch, ids, logprobs):
                 text = self.tokenizer.decode(new_ids)
                 cut = min((text.find(s) for s in stop if s in text), default=len(text))
-                results.append(text[:cut])
+                ended = cut < len(text) or len(new_ids) < max_new_tokens
+                results.append(Completion(text[:cut], len(prompt_ids), len(new_ids), logps,
+                                          new_ids, "stop" if ended else "length"))
         return results
 
     def score(self, contexts, continuations):
         results = []
         for start in range(0, len(contexts), self.batch_size):
-            ctx = [self._encode_context(c) for c in contexts[start:start + self.batch_size]]
             cont = [self.tokenizer.encode_ordinary(x)
                     for x in continuations[start:start + self.batch_size]]
+            ctx = [self._encode_context(c, len(x))
+                   for c, x in zip(contexts[start:start + self.batch_size], cont)]
             for logp in continuation_logprobs(self.model, ctx, cont):
                 results.append((float(logp.sum()), len(logp)))
         return results

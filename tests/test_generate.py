@@ -95,3 +95,43 @@ def test_local_lm_generates_text_and_cuts_at_stop_strings():
     assert stop and all(stop not in t for t in lm.generate(["the cat"], 12, stop=[stop]))
     (logp, n), = lm.score(["the cat"], [" sat"])
     assert n == len(tok.encode_ordinary(" sat")) and logp < 0
+
+
+def test_completions_carry_token_counts_and_the_models_logprobs():
+    tok = train_bpe(["the cat sat on the mat. the dog sat on the log."] * 5, vocab_size=300)
+    model = make("gpt", vocab_size=tok.vocab_size)
+    lm = LocalLM(model, tok)
+    (out,) = lm.generate(["the cat"], max_new_tokens=6, temperature=1.0, top_k=5, seed=1)
+    assert isinstance(out, str) and out.text == str(out)
+    assert out.prompt_tokens == len(tok.encode_ordinary("the cat"))
+    assert out.completion_tokens == len(out.token_ids) == len(out.token_logprobs) == 6
+    assert out.finish_reason == "length" and out.total_tokens == out.prompt_tokens + 6
+    # the returned log-probs are the model's own (temperature 1, unfiltered), as the scorer sees them
+    (expected,) = continuation_logprobs(model, [tok.encode_ordinary("the cat")], [out.token_ids])
+    torch.testing.assert_close(torch.tensor(out.token_logprobs), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_equal_prompts_with_one_seed_get_different_samples_and_a_stop_ends_with_stop():
+    tok = train_bpe(["the cat sat on the mat. the dog sat on the log."] * 5, vocab_size=300)
+    lm = LocalLM(make("gpt", vocab_size=tok.vocab_size), tok)
+    a, b = lm.generate(["the cat"] * 2, max_new_tokens=8, temperature=1.0, seed=0)
+    assert a.token_ids != b.token_ids
+    free = lm.generate(["the dog"], 12)[0]
+    stop = free[2:4]
+    (cut,) = lm.generate(["the dog"], 12, stop=[stop])
+    assert cut.finish_reason == "stop" and stop not in cut and cut.completion_tokens <= 12
+
+
+def test_truncate_left_fits_long_prompts_into_learned_positions():
+    tok = train_bpe(["the cat sat on the mat. the dog sat on the log."] * 5, vocab_size=300)
+    model = make("gpt", vocab_size=tok.vocab_size, block_size=16)
+    long = "the cat sat on the mat. " * 10
+    with pytest.raises(ValueError):
+        LocalLM(model, tok).generate([long], 4)
+    lm = LocalLM(model, tok, truncate_left=True)
+    (out,) = lm.generate([long], 4)
+    assert out.prompt_tokens == 13 and lm.truncated == 1
+    room = 16 - len(tok.encode_ordinary(" mat"))
+    tail_ids = tok.encode_ordinary(long)[-room:]
+    assert tok.encode_ordinary(tok.decode(tail_ids)) == tail_ids
+    assert lm.score([long], [" mat"]) == LocalLM(model, tok).score([tok.decode(tail_ids)], [" mat"])
