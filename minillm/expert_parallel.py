@@ -15,7 +15,8 @@ The exchange is an autograd Function (its backward is the reverse exchange), so 
 tokens, the router and the experts. Every rank takes part in every collective, with zero rows if it
 has none to send. Expert parameters belong to one rank each and must not be averaged with other
 ranks' experts: `expert_parameters()` and `replicated_parameters()` let the trainer reduce the
-router (and the rest of the model) over the data-parallel group only. `full_state_dict()` gathers
+router (and the rest of the model) over the data-parallel group only; `allreduce_gradients` does
+it with Megatron's scaling (expert gradients / data-parallel size). `full_state_dict()` gathers
 the experts under their global index, so a checkpoint saved with P ranks loads into a single-process
 `minillm.moe.MoE` and back (`load_full_state_dict`).
 """
@@ -131,16 +132,23 @@ class ExpertParallelMoE(nn.Module):
 
 
 def allreduce_gradients(model: nn.Module, group=None, expert_group=None) -> None:
-    """Average gradients for data parallelism when some layers are expert-parallel: a parameter of
-    an `ExpertParallelMoE`'s experts is averaged over `expert_group` (the ranks holding the same
-    experts; None: no other rank does) and every other parameter over `group` (default: all).
-    Call after backward, instead of wrapping the model in DDP."""
+    """Data-parallel gradient reduction when some layers are expert-parallel, scaled as Megatron-LM
+    does, so that every gradient is that of the loss averaged over the data-parallel ranks (what
+    DDP computes for a dense model). Call after backward, instead of wrapping the model in DDP.
+
+    A replicated parameter (router, attention, ...) is averaged over `group` (default: all ranks;
+    its size is the data-parallel size D). An expert's gradient already sums the contributions of
+    every rank whose tokens reached it through the all-to-all, so it is divided by D, then summed
+    over `expert_group` (the ranks holding the same experts; None: no other rank does)."""
     expert_ids = {id(p) for m in model.modules() if isinstance(m, ExpertParallelMoE)
                   for p in m.expert_parameters()}
+    data_parallel = dist.get_world_size(group)
     for p in model.parameters():
         if p.grad is None:
             continue
-        g = expert_group if id(p) in expert_ids else group
-        if id(p) in expert_ids and expert_group is None:
-            continue
-        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, group=g)
+        if id(p) in expert_ids:
+            p.grad.div_(data_parallel)
+            if expert_group is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=expert_group)
+        else:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, group=group)
