@@ -51,11 +51,11 @@ class RectifyConfig:
     val_fraction: float = 0.02
     max_steps: int = 300
     n_layer: int = 2  # block 1's FFN is the MoE layer
-    n_embd: int = 128
+    n_embd: int = 64
     block_size: int = 64
     batch_size: int = 16
     num_experts: int = 8
-    expert_hidden: int = 128
+    expert_hidden: int = 64
     capacity_factors: list[float] = field(default_factory=lambda: [0.5, 1.0])
     seeds: int = 3
     num_devices: int = 2
@@ -165,8 +165,9 @@ def main():
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # seed-major, so that an interrupted sweep has every variant at the seeds it finished
     results = [run(cfg, dist, variant, cf, seed)
-               for cf in cfg.capacity_factors for variant in cfg.variants for seed in range(cfg.seeds)]
+               for seed in range(cfg.seeds) for cf in cfg.capacity_factors for variant in cfg.variants]
     text = table(results, cfg.seeds)
     if dist.is_main:
         (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
