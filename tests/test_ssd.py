@@ -257,3 +257,27 @@ def test_resuming_with_other_ssd_settings_is_refused(data_dir, tmp_path):
     trainer(data_dir, tmp_path, SSD(fast_schedule()), max_steps=4).train()
     with pytest.raises(UserError, match="SSD settings differ"):
         trainer(data_dir, tmp_path, SSD(fast_schedule(top_k=1)), max_steps=4, resume=True)
+
+
+@pytest.mark.slow
+def test_ssd_under_ddp_matches_one_process_with_accumulation(data_dir, tmp_path):
+    import json
+
+    torchrun(REPO / "tests" / "workers" / "ssd_ddp.py", str(data_dir), str(tmp_path / "ddp"),
+             timeout=180)
+    ssd = SSD(SSDConfig(num_experts=4, top_k=2, check_interval=2, stable_ari=-1.0, drift_ari=-1.0,
+                        min_dense_steps=4, redense_steps=2, sparse_steps=4, final_dense_steps=2,
+                        kmeans_iters=5))
+    single = trainer(data_dir, tmp_path / "one", ssd, batch_size=2, grad_accum=4, max_steps=12,
+                     warmup_steps=1, ckpt_interval=0)
+    history = single.train()
+    ddp = json.loads((tmp_path / "ddp" / "phases.json").read_text())
+    assert ddp["sparse"] == [h["ssd_sparse"] for h in history] == [0] * 4 + [1] * 4 + [0] * 4
+    assert ddp["loss"] == pytest.approx([h["loss"] for h in history], abs=1e-5)
+    # summed over the ranks, the useful FLOPs equal one process's; the executed ones differ by the
+    # padding of the dropless buffers, which depends on how tokens are grouped into micro-batches
+    assert ddp["useful"] == ssd.summary()["flops"]["useful"]
+    assert ddp["flops"] == pytest.approx(ssd.summary()["flops"]["executed"], rel=0.05)
+    state = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
+    for name, p in single.model.state_dict().items():
+        torch.testing.assert_close(state[name], p, atol=1e-5, rtol=1e-4)
