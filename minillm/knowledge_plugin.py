@@ -564,8 +564,9 @@ class PluginLM:
         self.linker, self.vocab, self.separator, self.batch_size = linker, vocab, separator, batch_size
 
     def _context(self, text: str) -> PluginSequence:
+        # As LocalLM: <|endoftext|> starts only an empty context.
         return build_sequence(self.tokenizer, text, self.linker(text), self.vocab,
-                              inject=self.plugin is not None, separator=self.separator)
+                              inject=self.plugin is not None, separator=self.separator, bos=not text)
 
     def score(self, contexts, continuations):
         results = []
