@@ -151,3 +151,43 @@ def test_intra_gpu_max_per_expert_keeps_the_highest_probabilities():
         p_free = free.probs_TE[free.token[n:][free.expert[n:] == e], e]
         p = bounded.probs_TE[bounded.token[n:][bounded.expert[n:] == e], e]
         assert torch.equal(p.sort(descending=True).values, p_free.sort(descending=True).values[:3])
+
+
+# --- the experiment script --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_rectify_router_script_reruns_into_the_same_folder(tmp_path):
+    """Issue 10, bug 6: a second run into the same folder starts every run over and reproduces the
+    first; each run evaluates once dropless (the trainer's end-of-training evaluation) and once at
+    capacity; the rectifications do what they promise in the training statistics."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(repo / "scripts" / "rectify_router.py"),
+            "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+            "--max-files", "15", "--vocab-size", "300", "--val-fraction", "0.2",
+            "--max-steps", "3", "--n-layer", "2", "--n-embd", "16", "--expert-hidden", "16",
+            "--num-experts", "4", "--block-size", "16", "--batch-size", "4", "--seeds", "1",
+            "--eval-batches", "2", "--capacity-factors", "0.5"]
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append([json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()])
+        assert "| top-1 + both | 0.5 |" in (tmp_path / "out" / "table.md").read_text()
+    first, second = ([{k: v for k, v in r.items() if k != "seconds"} for r in rs] for rs in runs)
+    assert first == second and len(first) == 5
+    for run_dir in (tmp_path / "out").iterdir():
+        if run_dir.is_dir():
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+            assert sum("val_loss" in r for r in records) == 2, run_dir.name  # dropless, capacity
+    for r in first:
+        if "Intra-GPU" in r["variant"] or "both" in r["variant"]:
+            assert r["dropped_tokens_fraction"] == 0
+        if "Fill-in" in r["variant"] or "both" in r["variant"]:
+            assert r["padding_fraction"] == 0
+        if r["variant"] == "top-1" and r["capacity_factor"] == 0.5:
+            assert r["dropped_fraction"] >= 0.5
