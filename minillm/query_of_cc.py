@@ -10,8 +10,8 @@ One round, per domain:
   3. near-duplicate filtering: a new query whose word-set Jaccard with a pool query (or an earlier
      new one) is >= `query_jaccard` is dropped;
   4. retrieval: the top `k` documents of every new query (`minillm.bm25`).
-After the last round the retrieved documents are deduplicated with the WanJuan-CC MinHash (exact
-Jaccard verification of LSH candidates) and written as JSONL plus token shards.
+After the last round each domain's retrieved documents are deduplicated with the WanJuan-CC MinHash
+(exact Jaccard verification of LSH candidates) and written as JSONL plus token shards.
 
 The LM is anything with `generate(prompts, max_new_tokens=..., temperature=..., seed=...)` returning
 texts (`minillm.generate.LanguageModel`): a minillm model (`LocalLM`) or an HTTP server
@@ -149,27 +149,23 @@ class RoundLog:
     round: int
     domain: str
     new_queries: list[str]
-    retrieved: list[int]            # document ids retrieved by this round's queries (union, sorted)
+    retrieved: list[int]            # documents retrieved by this round's queries (distinct)
 
 
 @dataclass
 class Result:
     pools: dict[str, list[str]]                     # every query kept, seeds first
-    retrieved: dict[str, list[set[int]]]            # per domain, per round (0 = seeds): documents
+    retrieved: dict[str, list[list[int]]]           # per domain, per round (0 = seeds): documents
     rounds: list[RoundLog] = field(default_factory=list)
 
-    def cumulative(self, domain: str, upto_round: int) -> set[int]:
-        out: set[int] = set()
-        for r in self.retrieved[domain][:upto_round + 1]:
-            out |= r
-        return out
+    def cumulative(self, domain: str, upto_round: int) -> list[int]:
+        """Documents retrieved up to and including `upto_round`, first retrieval order."""
+        return list(dict.fromkeys(d for r in self.retrieved[domain][:upto_round + 1] for d in r))
 
 
-def retrieve(index: BM25Index, queries: Sequence[str], k: int) -> set[int]:
-    out: set[int] = set()
-    for ids, _ in index.search_batch(queries, k):
-        out.update(ids.tolist())
-    return out
+def retrieve(index: BM25Index, queries: Sequence[str], k: int) -> list[int]:
+    """Distinct documents of the top `k` of each query, in query then rank order."""
+    return list(dict.fromkeys(d for ids, _ in index.search_batch(queries, k) for d in ids.tolist()))
 
 
 def bootstrap(index: BM25Index, seeds: dict[str, list[str]], expander, config: Config) -> Result:
@@ -190,7 +186,7 @@ def bootstrap(index: BM25Index, seeds: dict[str, list[str]], expander, config: C
             pool.extend(new)
             got = retrieve(index, new, config.k)
             result.retrieved[domain].append(got)
-            result.rounds.append(RoundLog(r, domain, new, sorted(got)))
+            result.rounds.append(RoundLog(r, domain, new, got))
     return result
 
 
@@ -213,8 +209,8 @@ def dedup(texts: Sequence[str], threshold: float = 0.8, num_perm: int = 128) -> 
 
 def write_corpus(out_dir: str | Path, documents: Sequence[str], result: Result, tokenizer=None,
                  labels: Sequence[str] | None = None, dedup_threshold: float = 0.8) -> dict:
-    """Write `corpus.jsonl` (one record per kept document: text, domain, round first retrieved,
-    corpus id), token shards through `minillm.data.prepare` when a tokenizer is given, and
+    """Write `corpus.jsonl` (one record per kept document and domain: text, domain, round first
+    retrieved, corpus id; near-duplicates removed within each domain), token shards through `minillm.data.prepare` when a tokenizer is given, and
     `counts.json` (per round and per domain). Returns the counts."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,11 +218,14 @@ def write_corpus(out_dir: str | Path, documents: Sequence[str], result: Result, 
     for domain, rounds in result.retrieved.items():
         seen: set[int] = set()
         for r, docs in enumerate(rounds):
-            for d in sorted(docs - seen):
-                records.append({"id": d, "domain": domain, "round": r, "text": documents[d]})
-            seen |= docs
-    keep = dedup([rec["text"] for rec in records], dedup_threshold)
-    kept = [records[i] for i in keep]
+            for d in docs:
+                if d not in seen:
+                    records.append({"id": d, "domain": domain, "round": r, "text": documents[d]})
+                    seen.add(d)
+    kept = []
+    for domain in result.retrieved:  # each domain's corpus is deduplicated on its own
+        mine = [rec for rec in records if rec["domain"] == domain]
+        kept += [mine[i] for i in dedup([rec["text"] for rec in mine], dedup_threshold)]
     with open(out_dir / "corpus.jsonl", "w") as f:
         for rec in kept:
             if labels is not None:
@@ -248,8 +247,9 @@ def write_corpus(out_dir: str | Path, documents: Sequence[str], result: Result, 
 
 # --- evaluation -------------------------------------------------------------------------------------
 
-def precision_recall(retrieved: set[int], labels: Sequence[str], domain: str, domain_size: int) -> tuple[float, float]:
+def precision_recall(retrieved: Iterable[int], labels: Sequence[str], domain: str, domain_size: int) -> tuple[float, float]:
     """On-topic precision and recall of a set of documents for `domain`."""
+    retrieved = set(retrieved)
     if not retrieved:
         return 0.0, 0.0
     hits = sum(1 for d in retrieved if labels[d] == domain)
