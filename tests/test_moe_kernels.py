@@ -166,3 +166,25 @@ def test_an_installed_wheel_carries_the_cuda_source(tmp_path):
         text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).is_relative_to(tmp_path / "site")
+
+
+def test_dispatch_benchmark_runs_the_reference_on_the_cpu(capsys):
+    """scripts/bench/moe_dispatch.py at a tiny size (the kernels need a GPU: reference only)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "moe_dispatch.py"
+    spec = importlib.util.spec_from_file_location("moe_dispatch_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # one definition of bytes: T=4, d=2, E=2, C=3, 6 kept of 8 entries (k=2), fp32
+    assert bench.traffic(4, 2, 2, 3, 6, 2, 4) == {
+        "dispatch": 6 * 8 + 6 * 8 + 3 * 8 * 8 + 6 * 8, "combine": 6 * 8 + 4 * 8 + 6 * 12 + 5 * 8,
+        "backward": 6 * 8 + 6 * 8 + 3 * 8 * 8 + 6 * 8 + 6 * 8 + 6 * 8 + 4 * 8 + 6 * 12 + 5 * 8}
+    rows = bench.main(["--tokens", "256", "--dim", "32", "--experts", "8", "--repeats", "2"])
+    names = [r[0] for r in rows]
+    for op in ("slots", "dispatch + metadata", "combine", "backward (both)"):
+        assert f"{op}, torch reference" in names
+    assert all(seconds > 0 for _, seconds, _ in rows)
+    if not moe_kernels.available():
+        assert "VERDICT: none" in capsys.readouterr().out
