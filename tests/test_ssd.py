@@ -281,3 +281,24 @@ def test_ssd_under_ddp_matches_one_process_with_accumulation(data_dir, tmp_path)
     state = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
     for name, p in single.model.state_dict().items():
         torch.testing.assert_close(state[name], p, atol=1e-5, rtol=1e-4)
+
+
+def test_the_evidence_script_runs_at_a_tiny_size(tmp_path):
+    import json
+
+    script = [sys.executable, str(REPO / "scripts" / "ssd.py"), "--out-dir", str(tmp_path / "out"),
+              "--data-dir", str(tmp_path / "data")]
+    proc = subprocess.run(script + ["--tiny", "true"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "dense_equal_flops" in proc.stdout and "SSD time share" in proc.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert len(results) == 2  # seeds
+    for r in results:
+        assert r["ssd"]["steps"]["sparse"] > 0
+        assert r["ssd"]["flops"] < r["dense"]["flops"]  # sparse steps executed fewer FLOPs
+        assert r["dense_equal_flops"]["flops"] <= r["ssd"]["flops"]
+        # every expert active: the MoE form is the dense model
+        assert r["inference"]["top-4"]["val_loss"] == pytest.approx(r["ssd"]["val_loss"], abs=1e-5)
+    bad = subprocess.run(script + ["--tiny", "true", "--top-k", "9"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--top-k 9" in bad.stderr
