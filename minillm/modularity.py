@@ -235,6 +235,25 @@ def predictivity(acts_NU: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.maximum(average_precision(acts_NU, y), average_precision(acts_NU, 1 - y))
 
 
+def separation(acts_NU: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """|mean(class 1) - mean(class 0)| / pooled standard deviation per neuron (U,): breaks the ties
+    of predictivity, which saturates at 1 for every neuron that separates the classes perfectly
+    (common on easy planted functions), so that the top share is not chosen by neuron index."""
+    a = np.asarray(acts_NU, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    a1, a0 = a[y], a[~y]
+    pooled = np.sqrt((a1.var(0) * len(a1) + a0.var(0) * len(a0)) / len(a))
+    return np.abs(a1.mean(0) - a0.mean(0)) / np.maximum(pooled, 1e-12)
+
+
+def rank_neurons(pred_U: np.ndarray, tiebreak_U: np.ndarray | None = None) -> np.ndarray:
+    """Neuron ids, most predictive first; equal predictivity ordered by `tiebreak_U` (larger
+    first), then by id."""
+    if tiebreak_U is None:
+        return np.argsort(-pred_U, kind="stable")
+    return np.lexsort((-np.asarray(tiebreak_U), -np.asarray(pred_U)))
+
+
 # --- functional experts -----------------------------------------------------------------------------
 
 def _log_comb(n: int, k: int) -> float:
@@ -266,14 +285,15 @@ class ExpertTest:
 
 
 def find_functional_experts(pred_U: np.ndarray, partition_U: np.ndarray, share: float = 0.1,
-                 alpha: float = 1e-3) -> ExpertTest:
-    """Select the top `share` of neurons by predictivity and test every expert of `partition_U`
-    (the expert id of each neuron) with the one-sided hypergeometric tail."""
+                            alpha: float = 1e-3, tiebreak_U: np.ndarray | None = None) -> ExpertTest:
+    """Select the top `share` of neurons by predictivity (ties by `tiebreak_U`, see
+    `rank_neurons`) and test every expert of `partition_U` (the expert id of each neuron) with the
+    one-sided hypergeometric tail."""
     if not 0 < share <= 1:
         raise UserError(f"share must be in (0, 1], got {share}")
     M = len(pred_U)
     selected_count = max(1, int(round(share * M)))
-    selected = np.argsort(-pred_U, kind="stable")[:selected_count]
+    selected = rank_neurons(pred_U, tiebreak_U)[:selected_count]
     E = int(partition_U.max()) + 1
     sizes = np.bincount(partition_U, minlength=E)
     counts = np.bincount(partition_U[selected], minlength=E)
@@ -287,14 +307,16 @@ def random_partition(partition_U: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 def modularity_summary(preds: dict[int, dict[str, np.ndarray]], partitions: dict[int, np.ndarray],
-                       share: float = 0.1, alpha: float = 1e-3) -> dict:
+                       share: float = 0.1, alpha: float = 1e-3, tiebreaks=None) -> dict:
     """Over layers and sub-functions: the share of (expert, sub-function) pairs that are functional
     and the modularisation extent (mean count / expected count over the functional pairs; nan when
-    there are none). `preds[layer][function]` is the predictivity of the layer's neurons."""
+    there are none). `preds[layer][function]` is the predictivity of the layer's neurons,
+    `tiebreaks` (optional) the same structure for `rank_neurons`."""
     functional, ratios, total = 0, [], 0
     for layer, per_function in preds.items():
-        for pred in per_function.values():
-            t = find_functional_experts(pred, partitions[layer], share, alpha)
+        for function, pred in per_function.items():
+            tiebreak = tiebreaks[layer][function] if tiebreaks is not None else None
+            t = find_functional_experts(pred, partitions[layer], share, alpha, tiebreak)
             functional += int(t.functional.sum())
             total += len(t.functional)
             ratios += list(t.counts[t.functional] / t.expected[t.functional])
@@ -302,11 +324,12 @@ def modularity_summary(preds: dict[int, dict[str, np.ndarray]], partitions: dict
             "extent": float(np.mean(ratios)) if ratios else float("nan")}
 
 
-def random_baseline(preds, partitions, share=0.1, alpha=1e-3, repeats=20, seed=0) -> dict:
+def random_baseline(preds, partitions, share=0.1, alpha=1e-3, repeats=20, seed=0,
+                    tiebreaks=None) -> dict:
     """`modularity_summary` averaged over `repeats` random partitions of the same sizes."""
     rng = np.random.default_rng(seed)
     runs = [modularity_summary(preds, {l: random_partition(p, rng) for l, p in partitions.items()},
-                               share, alpha) for _ in range(repeats)]
+                               share, alpha, tiebreaks) for _ in range(repeats)]
     extents = [r["extent"] for r in runs if not math.isnan(r["extent"])]
     return {"functional_share": float(np.mean([r["functional_share"] for r in runs])),
             "extent": float(np.mean(extents)) if extents else float("nan"), "repeats": repeats}
@@ -344,9 +367,10 @@ def expert_units(tests: dict[int, ExpertTest], partitions: dict[int, np.ndarray]
     return units
 
 
-def top_units(preds: dict[int, np.ndarray], counts: dict[int, int]) -> dict[int, np.ndarray]:
-    """The `counts[layer]` most predictive neurons of each layer."""
-    return {l: np.argsort(-preds[l], kind="stable")[:counts[l]] for l in counts}
+def top_units(preds: dict[int, np.ndarray], counts: dict[int, int],
+              tiebreaks: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+    """The `counts[layer]` most predictive neurons of each layer (ties as in `rank_neurons`)."""
+    return {l: rank_neurons(preds[l], tiebreaks[l] if tiebreaks else None)[:counts[l]] for l in counts}
 
 
 def random_units(sizes: dict[int, int], counts: dict[int, int], rng) -> dict[int, np.ndarray]:
@@ -497,7 +521,9 @@ def emergence(preds: list[dict[int, dict[str, np.ndarray]]],
 
 __all__ = ["ProbingSet", "SUPPORTED_ACTIVATIONS", "ffn_layers", "native_partition",
            "activation_hooks", "collect_activations", "average_precision", "predictivity",
-           "hypergeom_sf", "ExpertTest", "find_functional_experts", "random_partition", "modularity_summary",
+           "separation", "rank_neurons",
+           "hypergeom_sf", "ExpertTest", "find_functional_experts", "random_partition",
+           "modularity_summary",
            "random_baseline", "moefication_partitions", "expert_units", "top_units", "random_units",
            "function_loss", "rankdata", "spearman", "min_cost_assignment", "match_partition",
            "expert_predictivity", "emergence"]

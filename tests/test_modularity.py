@@ -4,6 +4,7 @@ function only; bad input is a named error; the evidence script at a tiny size.""
 
 import importlib.util
 import itertools
+import json
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -178,3 +179,43 @@ def test_bad_input_is_a_named_error():
         collect_activations(swiglu, probe)
     with pytest.raises(UserError, match="has no answers"):
         function_loss(model, ProbingSet("x", probe.tokens, probe.labels))
+
+
+# --- the evidence script at a tiny size ------------------------------------------------------------
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("modularity_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_tiny_trains_keeps_checkpoints_and_reports_all_three_tables(tmp_path, capsys):
+    script = load_script()
+    results = script.main(["--tiny", "true", "--out-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for heading in ("(1) functional experts", "(2) perturbation", "(3) emergence"):
+        assert heading in printed
+    checkpoints = sorted((tmp_path / "run").glob("ckpt_*.pt"))
+    assert len(checkpoints) == 3  # every ckpt_interval, none deleted
+    assert [(r["from"], r["to"]) for r in results["emergence"]] == [(10, 20), (20, 30)]
+    for row in results["emergence"]:
+        assert all(-1 <= row[k] <= 1 for k in ("neuron", "expert_final", "expert_matched"))
+    assert set(results["perturbation"]["clean"]) == {"size", "parity", "mood", "colour"}
+    assert 0 <= results["functional"]["random"]["functional_share"] <= 1
+    saved = json.loads((tmp_path / "results.json").read_text())  # strict JSON: nan is null
+    assert saved["functional"]["clusters"]["pairs"] == results["functional"]["clusters"]["pairs"]
+
+    # the same script on that checkpoint with a probing file; a one-class function is refused
+    probing = tmp_path / "probes.jsonl"
+    rows = [{"function": "size", "text": f"the {w} is a", "label": label, "answer": a}
+            for label, (words, a) in enumerate(zip(script.WORDS["size"][::-1], (" small", " big")))
+            for w in words]
+    probing.write_text("\n".join(json.dumps(r) for r in rows))
+    again = script.main(["--checkpoint", str(checkpoints[-1]), "--probing", str(probing),
+                         "--out-dir", str(tmp_path / "again"), "--experts", "4"])
+    assert set(again["perturbation"]["clean"]) == {"size"} and "emergence" not in again
+    probing.write_text("\n".join(json.dumps({**r, "label": 1}) for r in rows))
+    with pytest.raises(UserError, match="one class only"):
+        script.main(["--checkpoint", str(checkpoints[-1]), "--probing", str(probing),
+                     "--out-dir", str(tmp_path / "bad")])
