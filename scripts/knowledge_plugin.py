@@ -68,11 +68,13 @@ class PluginConfig:
     n_embd: int = 64
     n_head: int = 4
     pretrain_steps: int = 800
-    finetune_steps: int = 150
+    finetune_steps: int = 250
     map_steps: int = 300
     task_map_steps: int = 300
     batch_size: int = 32
-    separator: str = " /"
+    separator: str = field(default="", metadata={
+        "help": "text between the pseudo-token and the mention; the paper's ' /' measured worse "
+                "here (README)"})
     threads: int = field(default=1, metadata={
         "help": "torch CPU threads; the tiny model gains nothing from more, and on a shared machine "
                 "more threads run much slower"})
@@ -94,10 +96,10 @@ def make_world(cfg: PluginConfig, rng: random.Random):
         for friend in rng.sample([m for m in names if m != n], 2):
             triples.append((n, "friend_of", friend))
     held = set(rng.sample(names, round(cfg.held_out * len(names))))
-    return names, profession, triples, held
+    return names, profession, city, triples, held
 
 
-def make_text(names, profession, held, rng: random.Random) -> list[str]:
+def make_text(names, profession, city, held, rng: random.Random) -> list[str]:
     docs = []
     for n in names:
         p = profession[n]
@@ -105,6 +107,7 @@ def make_text(names, profession, held, rng: random.Random) -> list[str]:
             docs += [f"the {p} {n} {rng.choice(ACTS)}." for _ in range(2)]
             docs.append(f"the {p} {n} works at the {PROFESSIONS[p]}.")
         docs += [f"{n} {act}." for act in rng.sample(ACTS, 3)]
+        docs += [f"the {city[n]} resident {n} {rng.choice(ACTS)}." for _ in range(2)]
         docs.append(f"{n} met {rng.choice(names)}.")
     for p, w in PROFESSIONS.items():
         docs += [f"a {p} works at the {w}."] * 20
@@ -140,7 +143,7 @@ def main(cfg: PluginConfig) -> dict:
     rng = random.Random(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names, profession, triples, held = make_world(cfg, rng)
+    names, profession, city, triples, held = make_world(cfg, rng)
     train_people = [n for n in names if n not in held]
     held_people = [n for n in names if n in held]
 
@@ -163,7 +166,7 @@ def main(cfg: PluginConfig) -> dict:
           f"({time.perf_counter() - t0:.0f} s)")
 
     # --- a tiny GPT pretrained on the text ---
-    docs = make_text(names, profession, held, rng)
+    docs = make_text(names, profession, city, held, rng)
     tok = train_bpe(docs, cfg.vocab_size)
     model_cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=cfg.n_layer,
                             n_head=cfg.n_head, n_embd=cfg.n_embd)
