@@ -9,7 +9,8 @@ the people (`--held-out`) is held out from map-tuning and from fine-tuning. The 
 
 - for training people: "the doctor Tamiku read a book." and "the doctor Tamiku works at the
   hospital." (their professions are in the text);
-- for every person: "Tamiku went home.", "Tamiku met Bosale." (names only);
+- for every person: "Tamiku went home.", "Tamiku met Bosale.", "the Lumera resident Tamiku
+  went home." (names and cities, never professions);
 - in general: "a doctor works at the hospital."
 
 So a held-out person's profession, hence workplace, is never stated: it is only in the graph.
