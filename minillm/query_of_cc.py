@@ -210,8 +210,9 @@ def dedup(texts: Sequence[str], threshold: float = 0.8, num_perm: int = 128) -> 
 def write_corpus(out_dir: str | Path, documents: Sequence[str], result: Result, tokenizer=None,
                  labels: Sequence[str] | None = None, dedup_threshold: float = 0.8) -> dict:
     """Write `corpus.jsonl` (one record per kept document and domain: text, domain, round first
-    retrieved, corpus id; near-duplicates removed within each domain), token shards through `minillm.data.prepare` when a tokenizer is given, and
-    `counts.json` (per round and per domain). Returns the counts."""
+    retrieved, corpus id; near-duplicates removed within each domain), token shards through
+    `minillm.data.prepare` when a tokenizer is given, and `counts.json` (per round and per domain).
+    Returns the counts."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
@@ -235,7 +236,8 @@ def write_corpus(out_dir: str | Path, documents: Sequence[str], result: Result, 
     for domain, rounds in result.retrieved.items():
         counts["per_domain"][domain] = {
             "queries": len(result.pools[domain]),
-            "per_round": [{"round": r, "new_documents": sum(1 for x in kept if x["domain"] == domain and x["round"] == r)}
+            "per_round": [{"round": r, "new_documents": sum(1 for x in kept
+                                                            if x["domain"] == domain and x["round"] == r)}
                           for r in range(len(rounds))]}
     if tokenizer is not None and kept:
         meta = prepare([rec["text"] for rec in kept], tokenizer, out_dir / "shards", val_fraction=0.0,
@@ -247,7 +249,8 @@ def write_corpus(out_dir: str | Path, documents: Sequence[str], result: Result, 
 
 # --- evaluation -------------------------------------------------------------------------------------
 
-def precision_recall(retrieved: Iterable[int], labels: Sequence[str], domain: str, domain_size: int) -> tuple[float, float]:
+def precision_recall(retrieved: Iterable[int], labels: Sequence[str], domain: str,
+                     domain_size: int) -> tuple[float, float]:
     """On-topic precision and recall of a set of documents for `domain`."""
     retrieved = set(retrieved)
     if not retrieved:
