@@ -278,7 +278,8 @@ def test_script_runs_at_a_tiny_size(tmp_path):
     spec.loader.exec_module(script)
     cfg = script.PluginConfig(out_dir=str(tmp_path), people=24, transe_epochs=5, pretrain_steps=10,
                               finetune_steps=5, map_steps=5, task_map_steps=5, batch_size=8,
-                              n_embd=32, n_layer=1, vocab_size=300)
+                              n_embd=32, n_layer=1, vocab_size=300,
+                              threads=torch.get_num_threads())  # leave the session's setting alone
     result = script.main(cfg)
     assert result["base_same"] and result["tuned_same"]
     assert set(result["mlm"]) == {"no plugin", "plugin", "shuffled entity vectors"}
