@@ -17,7 +17,8 @@ with c = 1 for "lucene" and "robertson" and c = k1 + 1 for "atire" (c only scale
 Why it is fast: a query touches only the postings of its own terms. Scores are added into a dense
 scratch array at those documents, read back at the union of those documents, and the scratch is
 cleared there again, so a query costs O(postings of its terms), never O(number of documents). Top-k
-is an `argpartition` over the matched documents and one `lexsort`.
+is an `argpartition` over the matched documents and one `lexsort`. The scratch arrays belong to the
+index object: searches from several threads need one object each.
 
 Contract of `search`: the result holds only documents that contain at least one query token,
 ordered by score (descending), ties by document id (ascending), at most k of them. An empty query,
@@ -191,6 +192,8 @@ class BM25Index:
 
     def search(self, query: str | Sequence[str], k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(document ids, scores) of the top `k` matched documents; see the module's contract."""
+        if k < 1:
+            raise UserError(f"k must be >= 1, got {k}")
         docs, scores = self.scores(query)
         if len(docs) > k:
             # Keep every document that ties with the k-th score, then break ties by id.

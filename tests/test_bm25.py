@@ -75,6 +75,8 @@ def test_robertson_idf_can_be_negative_and_bad_arguments():
         BM25Index.build([["a"]], idf_variant="bm42")
     with pytest.raises(UserError, match="b in"):
         BM25Index.build([["a"]], b=1.5)
+    with pytest.raises(UserError, match="k must be"):
+        index.search(["a"], 0)
 
 
 def test_load_refuses_other_folders(tmp_path):
