@@ -387,8 +387,9 @@ class TokenLoader:
         for key in ("seed", "shuffle", "block_size", "world_size", "num_windows"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:
-                raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has "
-                                 f"{mine!r}: the stream cannot be continued exactly")
+                raise UserError(f"loader state has {key}={state.get(key)!r} but this loader has "
+                                f"{mine!r}: the data changed, so the stream cannot be continued "
+                                "exactly (start a new run, or restore the data)")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 
@@ -421,7 +422,8 @@ def eval_batches(dataset: TokenDataset, block_size: int, batch_size: int,
         raise DataError(f"{dataset.paths[0].parent}: no evaluation window of {block_size + 1} "
                         f"tokens (the split holds {dataset.num_tokens} tokens)")
     mine = np.arange(rank, total, world_size)
-    batches_per_rank = -(-(-(-total // world_size)) // batch_size)  # ceil(ceil(total / W) / B)
+    windows_per_rank = math.ceil(total / world_size)  # rank 0's share, the largest
+    batches_per_rank = math.ceil(windows_per_rank / batch_size)
     for b in range(batches_per_rank):
         ids = mine[b * batch_size:(b + 1) * batch_size]
         rows = len(ids)
@@ -449,10 +451,10 @@ def parse_domains(specs: list[str]) -> dict[str, tuple[str, float]]:
                 pass  # a ':' that belongs to the path
         name = name or Path(path).name
         if name in domains:
-            raise ValueError(f"domain {name!r} is given twice in {specs}")
+            raise UserError(f"domain {name!r} is given twice in {specs}")
         domains[name] = (path, weight)
     if not domains:
-        raise ValueError("no data given: pass at least one dataset folder")
+        raise UserError("no data given: pass at least one dataset folder")
     return domains
 
 
@@ -489,7 +491,8 @@ class MixtureLoader:
         self.weights = w / w.sum()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inputs and targets (B, T) and the domain index of each row (B,)."""
+        """Inputs and targets (B, T) on the device and the domain index of each row (B,), on the
+        CPU."""
         rng = np.random.default_rng([self.seed, self.step, self.rank])
         domain_B = rng.choice(len(self.names), size=self.batch_size, p=self.weights)
         windows = np.empty((self.batch_size, next(iter(self.loaders.values())).block_size + 1),
@@ -500,7 +503,7 @@ class MixtureLoader:
                 windows[rows] = self.loaders[name].next_windows(rows.size)
         self.step += 1
         x, y = to_batch(windows, self.device)
-        return x, y, torch.from_numpy(domain_B).to(self.device)
+        return x, y, torch.from_numpy(domain_B)  # on the CPU: a copy to the GPU would wait for it
 
     def state_dict(self) -> dict:
         return {"step": self.step, "weights": dict(zip(self.names, self.weights.tolist())),

@@ -166,8 +166,8 @@ class Norm(nn.Module):
             if self.kind == "layernorm":
                 return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
             return F.rms_norm(x.float(), x.shape[-1:], None, self.eps).type_as(x) * self.weight
-        keep = (hidden_mask != 0).to(x.dtype)
-        n_kept = keep.sum()
+        keep = (hidden_mask != 0).float()
+        n_kept = keep.sum()  # in fp32: a bf16 count of more than 256 dimensions would be rounded
         xf = x.float()
         if self.kind == "layernorm":
             mean = (xf * keep).sum(-1, keepdim=True) / n_kept

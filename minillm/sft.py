@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import UserError
 from .tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -135,7 +136,7 @@ class PackedLoader:
         self.names = ["sft"]
         self.windows_per_rank = len(self.packed.inputs) // world_size
         if self.windows_per_rank < batch_size:
-            raise ValueError(f"{len(self.packed.inputs)} packed window(s) of {block_size} tokens give "
+            raise UserError(f"{len(self.packed.inputs)} packed window(s) of {block_size} tokens give "
                              f"{self.windows_per_rank} per rank, fewer than batch_size {batch_size}")
         self.epoch, self.cursor = 0, 0
 
@@ -146,11 +147,17 @@ class PackedLoader:
 
     def _batch(self, packed: PackedBatch, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:
         idx = torch.as_tensor(rows, dtype=torch.long)
-        x, y = packed.inputs[idx].to(self.device), packed.targets[idx].to(self.device)
+
+        def to_device(t):  # pinned and non-blocking on a GPU, so the loop does not wait for it
+            if self.device.type == "cuda":
+                return t.pin_memory().to(self.device, non_blocking=True)
+            return t.to(self.device)
+
+        x, y = to_device(packed.inputs[idx]), to_device(packed.targets[idx])
         if self.attend_across:
             return x, y, {}
-        return x, y, {"position_ids": packed.position_ids[idx].to(self.device),
-                      "attn_mask": attention_mask(packed.segment_ids[idx].to(self.device))}
+        return x, y, {"position_ids": to_device(packed.position_ids[idx]),
+                      "attn_mask": attention_mask(to_device(packed.segment_ids[idx]))}
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
         rows = []
@@ -166,7 +173,7 @@ class PackedLoader:
         """The first `max_windows` validation windows, dealt to ranks in turn; every rank yields
         the same number of batches (a rank whose share ran out gets a row with no target)."""
         if self.val is None or len(self.val.inputs) == 0:
-            raise ValueError("PackedLoader has no validation examples (pass val=...)")
+            raise UserError("PackedLoader has no validation examples (pass val=...)")
         total = len(self.val.inputs) if max_windows is None else min(len(self.val.inputs), max_windows)
         mine = list(range(rank, total, world_size))
         per_rank = -(-total // world_size)
@@ -184,6 +191,6 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "world_size", "num_windows"):
             if state.get(key) != self.state_dict()[key]:
-                raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has "
-                                 f"{self.state_dict()[key]!r}: the stream cannot be continued exactly")
+                raise UserError(f"loader state has {key}={state.get(key)!r} but this loader has "
+                                f"{self.state_dict()[key]!r}: the stream cannot be continued exactly")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

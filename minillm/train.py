@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,13 @@ PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12), ("
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    """The table's peak for a device name, matching whole words (an "L40" is not an "L4")."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS
+                 if re.search(rf"(^|\s){re.escape(key)}(\s|$)", name)), None)
 
 
 @dataclass
@@ -138,6 +144,13 @@ class TrainConfig:
         if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
             raise UserError(f"--moe-top-k {self.moe_top_k} with --moe-experts {self.moe_experts}: "
                             "expected 1 <= top-k <= experts")
+        for name in ("grad_clip", "weight_decay", "moe_capacity_factor"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{_flag(name)} must be a finite number, got {getattr(self, name)}")
+        if self.moe_devices < 1 or (self.moe_expert_hidden is not None and self.moe_expert_hidden < 1):
+            raise UserError("--moe-devices and --moe-expert-hidden must be at least 1")
+        if (self.moe_layers or self.moe_rectify) and not self.moe_experts:
+            raise UserError("--moe-layers / --moe-rectify need --moe-experts N (N > 0)")
         if self.moe_capacity_factor < 0:
             raise UserError(f"--moe-capacity-factor must be 0 (dropless) or more, got "
                             f"{self.moe_capacity_factor}")
@@ -214,7 +227,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                 groups.append(group)
                 claimed |= {id(p) for p in group["params"]}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+               "decayed": True},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}] + groups
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
@@ -228,14 +242,25 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's name `ckpt_<step>.pt` (sorted by this, not by the name's text)."""
+    return int(path.stem.split("_", 1)[1])
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The `ckpt_<step>.pt` files of `out_dir`, oldest first."""
+    return sorted((p for p in out_dir.glob("ckpt_*.pt") if p.stem[5:].isdigit()), key=checkpoint_step)
+
+
 def latest_checkpoint(out_dir: Path, quiet: bool = False
                       ) -> tuple[Path | None, dict | None, list[str]]:
     """(path, state, problems): the newest checkpoint in `out_dir` that loads, skipping damaged
-    ones (each named in `problems`, and printed unless `quiet`); (None, None, problems) if none."""
+    ones (each named in `problems`, and printed unless `quiet`); (None, None, problems) if none.
+    Memory-mapped: tensors are read when used."""
     problems = []
-    for path in sorted(out_dir.glob("ckpt_*.pt"), reverse=True):
+    for path in reversed(checkpoints(out_dir)):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # a damaged file: fall back to the one before it
             problems.append(f"{path.name}: unreadable ({type(e).__name__}: damaged, truncated or "
                             "not a torch file)")
@@ -304,7 +329,15 @@ class Trainer:
             if cfg.eval_interval and not hasattr(data_source, "eval_batches"):
                 raise UserError(f"--eval-interval {cfg.eval_interval}: the data source has no "
                                 "eval_batches; pass --eval-interval 0")
+            for name, mine in (("block_size", cfg.block_size), ("rank", dist.rank),
+                               ("world_size", dist.world_size)):
+                theirs = getattr(data_source, name, mine)
+                if theirs != mine:
+                    raise UserError(f"the data source has {name} {theirs}, the run {mine}: build it "
+                                    f"with the run's {name}")
             self.loader, self.tokenizer, self.val = data_source, tokenizer, {}
+            if cfg.eval_interval:  # one validation batch now, not a crash at the first evaluation
+                next(iter(data_source.eval_batches(1, 0, 1)))
         resume_path, resume_state = self._find_resume_state() if cfg.resume else (None, None)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         if resume_state is not None:  # the checkpoint's own model, whatever the flags say
@@ -325,6 +358,8 @@ class Trainer:
         self._check_out_dir()  # the first thing that may write (delete, with --overwrite)
         if model_transform is not None:  # e.g. replace FFNs by MoE layers, before the optimizer
             self.model = model_transform(self.model).to(self.device)
+        if dist.rank:  # identical weights above; from here each rank draws its own noise (dropout)
+            torch.manual_seed(cfg.seed + dist.rank)
         self.model.activation_checkpointing = cfg.activation_checkpointing
         if cfg.fsdp:
             # Shard every block, then the root (embeddings, final norm, head): each block's
@@ -472,8 +507,9 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_checkpoint(path, state)
-            if self.cfg.keep_checkpoints > 0:
-                for old in sorted(self.out_dir.glob("ckpt_*.pt"))[:-self.cfg.keep_checkpoints]:
+            if self.cfg.keep_checkpoints > 0:  # by step: never a newer file, never this one
+                older = [p for p in checkpoints(self.out_dir) if checkpoint_step(p) < self.step]
+                for old in older[:max(len(older) - self.cfg.keep_checkpoints + 1, 0)]:
                     old.unlink()
         if self.dist.enabled:
             torch_dist.barrier()
@@ -486,7 +522,7 @@ class Trainer:
                 else "No checkpoint was written yet")
 
     def _earlier_run(self) -> list[Path]:
-        return sorted(self.out_dir.glob("ckpt_*.pt")) + sorted(self.out_dir.glob("metrics.jsonl"))
+        return checkpoints(self.out_dir) + sorted(self.out_dir.glob("metrics.jsonl"))
 
     def _check_out_dir(self) -> None:
         """A fresh run never mixes with an earlier one in the same out_dir: refuse, unless resuming
@@ -510,6 +546,22 @@ class Trainer:
         system for `out_dir`). An out_dir with an earlier run but no loadable checkpoint is an
         error that touches nothing: starting over must be asked for with --overwrite."""
         path, state, problems = latest_checkpoint(self.out_dir, quiet=not self.dist.is_main)
+        if self.dist.enabled:  # every rank resumes rank 0's choice, or all stop alike
+            choice = [str(path) if path is not None else None]
+            torch_dist.broadcast_object_list(choice, src=0)
+            if choice[0] != (str(path) if path is not None else None):
+                if choice[0] is None:
+                    path, state = None, None
+                else:
+                    path = Path(choice[0])
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if path is not None and self.dist.is_main:
+            # Damaged checkpoints newer than the one resumed would otherwise count as "newest"
+            # when old ones are pruned: move them aside (kept, renamed, not deleted).
+            for newer in checkpoints(self.out_dir):
+                if checkpoint_step(newer) > checkpoint_step(path):
+                    newer.rename(newer.with_name(newer.name + ".damaged"))
+                    print(f"moved the unreadable {newer.name} aside to {newer.name}.damaged")
         if path is None:
             earlier = self._earlier_run()
             if earlier:
@@ -542,6 +594,11 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, state["model"], options=options)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        for group in self.optimizer.param_groups:  # settings changed on resume take effect
+            if not group.get("own_lr"):
+                group["betas"] = (self.cfg.beta1, self.cfg.beta2)
+                if group.get("decayed"):
+                    group["weight_decay"] = self.cfg.weight_decay
         if len(state["loader"]) != self.dist.world_size:
             raise UserError(f"{path} was written by {len(state['loader'])} process(es); resuming "
                             f"it exactly needs the same number, not {self.dist.world_size}")

@@ -18,7 +18,7 @@ seen the same number of tokens after the source.
 
 import json
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from minillm.corpus import stdlib_docstrings  # noqa: E402
 from minillm.data import TokenDataset, parse_domains, prepare  # noqa: E402
 from minillm.errors import UserError, run_main  # noqa: E402
 from minillm.evaluate import evaluate_loss  # noqa: E402
-from minillm.model import GPT, ModelConfig, load_model, save_model  # noqa: E402
+from minillm.model import GPT, ModelConfig, load_model, preset, save_model  # noqa: E402
 from minillm.sheared import (DynamicBatchLoading, PruningSchedule, ShearingMasks,  # noqa: E402
                              TargetShape, compact, load_reference_losses, magnitude_masks)
 from minillm.tokenizer import tokenizer_from_dict, train_bpe  # noqa: E402
@@ -116,8 +116,8 @@ def stdlib_domains(data_dir: Path, max_chars: int = 1_500_000) -> list[str]:
 
 
 def domain_losses(model: GPT, domains: list[str], cfg: ShearedConfig) -> dict[str, float]:
-    """Validation loss of `model` (whole, not sharded) per domain on fixed windows, the same for
-    every model; every process evaluates all of them."""
+    """Validation loss of `model` (whole, not sharded, on its device) per domain on fixed windows,
+    the same for every model; called on the main process only."""
     return {name: evaluate_loss(model, TokenDataset(path, "val"), cfg.block_size, cfg.batch_size,
                                 cfg.eval_batches, rank=0, world_size=1)["loss"]
             for name, (path, _) in parse_domains(domains).items()}
@@ -143,7 +143,14 @@ def on_main(dist, fn, *args) -> None:
 
 # --- stages -----------------------------------------------------------------------------------------
 
-def train(cfg: ShearedConfig, domains, name: str, steps: int, dist, **kw) -> Trainer:
+def train(cfg: ShearedConfig, domains, name: str, steps: int, dist, **kw) -> tuple[Path, dict]:
+    """Train one stage; (its final checkpoint, the mixture weights at its end). A stage whose
+    final checkpoint exists is not trained again."""
+    final = Path(cfg.out_dir) / name / f"ckpt_{steps:07d}.pt"
+    if final.is_file():
+        state = torch.load(final, map_location="cpu", weights_only=True, mmap=True)
+        print(f"--- {name}: done ({final})")
+        return final, state["loader"][0]["weights"]
     train_cfg = TrainConfig(data=domains, out_dir=str(Path(cfg.out_dir) / name), max_steps=steps,
                             block_size=cfg.block_size, batch_size=cfg.batch_size,
                             grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=min(20, steps // 10),
@@ -154,7 +161,24 @@ def train(cfg: ShearedConfig, domains, name: str, steps: int, dist, **kw) -> Tra
     print(f"--- {name}: {steps} steps")
     trainer = Trainer(train_cfg, dist, **kw)
     trainer.train()
-    return trainer
+    # The final checkpoint holds the whole model, also after a sharded (FSDP) run.
+    return trainer.checkpoint_path, dict(zip(trainer.loader.names, trainer.loader.weights.tolist()))
+
+
+def check_stamp(cfg: ShearedConfig, out: Path, dist) -> None:
+    """Stages are reused only by a run with the same settings: the first run writes them to
+    `settings.json`; a rerun with other settings is refused by field."""
+    mine = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "device")}
+    path = out / "settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in mine.items()
+                   if saved.get(k) != v]
+        if changed:
+            raise UserError(f"{out} holds a run with other settings ({'; '.join(changed)}): its "
+                            "stages would be reused; pass another --out-dir")
+    else:
+        on_main(dist, path.write_text, json.dumps(mine, indent=1))
 
 
 def target_shape(cfg: ShearedConfig) -> TargetShape:
@@ -165,9 +189,14 @@ def target_shape(cfg: ShearedConfig) -> TargetShape:
 
 def main(argv=None):
     cfg = parse_config(ShearedConfig, argv, description=__doc__)
+    if not cfg.init_from:  # a target that does not fit the source is an error before any training
+        target_shape(cfg).counts(preset(cfg.source_preset))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dist = distributed.setup(cfg.device)
+    check_stamp(cfg, out, dist)
+    if not cfg.domains:  # prepared by one process; the others wait, then find them ready
+        on_main(dist, stdlib_domains, Path(cfg.data_dir))
     domains = cfg.domains or stdlib_domains(Path(cfg.data_dir))
     names = list(parse_domains(domains))
 
@@ -176,16 +205,19 @@ def main(argv=None):
     if cfg.init_from:
         source_path = Path(cfg.init_from)
     elif not source_path.is_file():
-        trainer = train(cfg, domains, "source", cfg.source_steps, dist,
-                        train={"preset": cfg.source_preset})
-        # from the final checkpoint, which holds the whole model also after a sharded run
-        on_main(dist, lambda: save_model(source_path, *load_model(trainer.checkpoint_path)[:2]))
+        checkpoint, _ = train(cfg, domains, "source", cfg.source_steps, dist,
+                              train={"preset": cfg.source_preset})
+        on_main(dist, lambda: save_model(source_path, *load_model(checkpoint)[:2]))
     source = load_model(source_path)[0] if source_path.is_file() else _load_hf(source_path)
     target = target_shape(cfg)
     target.counts(source.config)  # a target that does not fit is a named error before training
-    reference = (load_reference_losses(cfg.reference, names) if cfg.reference
-                 else domain_losses(source, domains, cfg))
-    on_main(dist, (out / "reference.json").write_text, json.dumps(reference, indent=1))
+    source = source.to(dist.device)  # evaluated where the run trains (one process evaluates)
+    if cfg.reference:
+        reference = load_reference_losses(cfg.reference, names)
+    else:
+        on_main(dist, lambda: (out / "reference.json").write_text(
+            json.dumps(domain_losses(source, domains, cfg), indent=1)))
+        reference = load_reference_losses(out / "reference.json", names)
 
     # Targeted pruning: masks and weights trained together, then the final masks and compaction.
     pruned_path = out / "pruned.pt"
@@ -224,11 +256,8 @@ def main(argv=None):
                                    ("from scratch", None, budget, False)):
         callbacks = [DynamicBatchLoading(reference, cfg.dbl_eta)] if dbl else []
         kw = {"train": {"init_from": str(init)}} if init else {"model_config": replace(pruned.config)}
-        trainer = train(cfg, domains, name.replace(" ", "_").replace(",", "").replace("+", "dbl"),
-                        steps, dist, evaluate=dbl, callbacks=callbacks, **kw)
-        # The final checkpoint holds the whole model, also after a sharded (FSDP) run.
-        runs[name] = (trainer.checkpoint_path,
-                      dict(zip(trainer.loader.names, trainer.loader.weights.tolist())))
+        runs[name] = train(cfg, domains, name.replace(" ", "_").replace(",", "").replace("+", "dbl"),
+                           steps, dist, evaluate=dbl, callbacks=callbacks, **kw)
 
     if dist.is_main:
         print_table(cfg, domains, reference, budget, source, pruned, naive, runs)
@@ -237,11 +266,12 @@ def main(argv=None):
 
 def print_table(cfg, domains, reference, budget, source, pruned, naive, runs) -> None:
     names = list(parse_domains(domains))
+    dev = source.wte.weight.device
     rows = [("source", source, None),
-            ("sheared + DBL", load_model(runs["sheared + DBL"][0])[0], domain_losses(pruned, domains, cfg)),
+            ("sheared + DBL", load_model(runs["sheared + DBL"][0])[0], domain_losses(pruned.to(dev), domains, cfg)),
             ("sheared, static mix", load_model(runs["sheared, static mix"][0])[0], None),
             ("magnitude pruned", load_model(runs["magnitude pruned"][0])[0],
-             domain_losses(naive, domains, cfg)),
+             domain_losses(naive.to(dev), domains, cfg)),
             ("from scratch", load_model(runs["from scratch"][0])[0], None)]
     print(f"\nshape: {_shape(source.config)} -> {_shape(pruned.config)} (layers/heads/kv heads/"
           f"d/ffn); reference = {'--reference' if cfg.reference else 'the source model'}; "
@@ -250,6 +280,7 @@ def print_table(cfg, domains, reference, budget, source, pruned, naive, runs) ->
     header = f"{'model':<21}{'params':>9}{'after pruning':>15}{'final loss':>12}"
     print(header + "".join(f"{n:>9}" for n in names) + f"{'worst excess':>14}")
     for name, model, after in rows:
+        model = model.to(source.wte.weight.device)
         final = domain_losses(model, domains, cfg)
         worst = max(final[n] - reference[n] for n in names)
         line = f"{name:<21}{model.num_params() / 1e6:>8.2f}M"

@@ -246,7 +246,8 @@ def test_the_script_runs_at_a_tiny_size_and_resumes_by_stage(domains, tmp_path, 
     assert "--- source" not in second and "--- pruning" not in second
     assert (tmp_path / "pruned.pt").stat().st_mtime_ns == before
     with pytest.raises(UserError, match="target n_embd 999 does not fit"):
-        script.main(argv[:-8] + ["--target-n-embd", "999"])
+        script.main(argv[:-8] + ["--target-n-embd", "999", "--out-dir", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow
@@ -267,3 +268,16 @@ def test_the_script_prunes_under_fsdp_on_two_processes(domains, tmp_path):
     assert (pruned.n_layer, pruned.n_head, pruned.n_embd, pruned.ffn_hidden) == (2, 2, 32, 64)
     state = torch.load(tmp_path / "prune" / "ckpt_0000004.pt", weights_only=True)
     assert not torch.equal(state["model"]["mask_source.lambda2"], torch.zeros(4))  # maximised
+
+
+def test_the_script_refuses_to_reuse_stages_made_with_other_settings(domains, tmp_path):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "sheared_script", Path(__file__).resolve().parents[1] / "scripts" / "sheared.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "settings.json").write_text(json.dumps({"target_n_embd": 16}))
+    with pytest.raises(UserError, match="holds a run with other settings.*--target-n-embd 16 -> 32"):
+        script.main(["--out-dir", str(tmp_path), "--domains", f"a={domains / 'a'}",
+                     "--target-n-embd", "32"])

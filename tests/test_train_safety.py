@@ -17,7 +17,7 @@ from minillm.data import DataError, TokenDataset, eval_batches, prepare
 from minillm.distributed import DistInfo
 from minillm.errors import UserError, run_main
 from minillm.tokenizer import train_bpe
-from minillm.train import TrainConfig, Trainer
+from minillm.train import TrainConfig, Trainer, checkpoints, peak_flops_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,3 +255,50 @@ def test_tokenizer_special_token_error_speaks_minillm(corpus):
     with pytest.raises(ValueError, match="allowed_special=\\{'<\\|endoftext\\|>'\\}.*encode_ordinary"):
         tok.encode("a <|endoftext|> b")
     assert tok.encode("a <|endoftext|>", allowed_special="all")[-1] == tok.eot_id
+
+
+# --- found in review -------------------------------------------------------------------------------
+
+def test_pruning_after_resume_keeps_a_loadable_checkpoint(data_dir, tmp_path):
+    Trainer(config(data_dir, tmp_path, max_steps=8, ckpt_interval=4, keep_checkpoints=0),
+            DistInfo()).train()
+    (tmp_path / "ckpt_0000008.pt").write_bytes(b"damaged")
+    resumed = Trainer(config(data_dir, tmp_path, max_steps=6, ckpt_interval=6, keep_checkpoints=1,
+                             resume=True), DistInfo())
+    assert resumed.step == 4 and (tmp_path / "ckpt_0000008.pt.damaged").is_file()
+    resumed.train()
+    assert [p.name for p in checkpoints(tmp_path)] == ["ckpt_0000006.pt"]
+    again = Trainer(config(data_dir, tmp_path, max_steps=8, keep_checkpoints=1, resume=True), DistInfo())
+    assert again.step == 6
+
+
+def test_optimizer_settings_changed_on_resume_take_effect(data_dir, tmp_path):
+    Trainer(config(data_dir, tmp_path, ckpt_interval=4), DistInfo()).train()
+    resumed = Trainer(config(data_dir, tmp_path, max_steps=6, weight_decay=0.0, beta2=0.99,
+                             resume=True), DistInfo())
+    groups = [g for g in resumed.optimizer.param_groups if not g.get("own_lr")]
+    assert all(g["betas"] == (0.9, 0.99) for g in groups)
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+
+
+def test_checkpoints_sort_by_step_not_by_name(tmp_path):
+    for step in (9_999_999, 10_000_000, 5):
+        (tmp_path / f"ckpt_{step:07d}.pt").write_bytes(b"")
+    assert [p.name for p in checkpoints(tmp_path)] == ["ckpt_0000005.pt", "ckpt_9999999.pt",
+                                                        "ckpt_10000000.pt"]
+
+
+def test_peak_flops_match_whole_device_names():
+    assert peak_flops_of("NVIDIA L4") == 121e12 and peak_flops_of("NVIDIA L40") is None
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(moe_experts=4, moe_devices=0), "--moe-devices and --moe-expert-hidden must be at least 1"),
+    (dict(grad_clip=float("nan")), "--grad-clip must be a finite number"),
+    (dict(moe_layers=[1]), "--moe-layers / --moe-rectify need --moe-experts"),
+])
+def test_more_bad_flags(data_dir, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        Trainer(config(data_dir, tmp_path / "out", **flags), DistInfo())

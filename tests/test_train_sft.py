@@ -96,3 +96,14 @@ def test_a_data_source_without_tokenizer_or_eval_is_refused(tok, tmp_path):
 
     with pytest.raises(UserError, match="no eval_batches; pass --eval-interval 0"):
         Trainer(config(tmp_path, eval_interval=2), DistInfo(), data_source=NoEval(), tokenizer=tok)
+
+
+def test_a_data_source_is_checked_up_front(tok, tmp_path):
+    no_val = PackedLoader(examples(tok, 120, 0), block_size=96, batch_size=4, pad_id=tok.eot_id)
+    with pytest.raises(UserError, match="no validation examples"):
+        Trainer(config(tmp_path, eval_interval=2), DistInfo(), data_source=no_val, tokenizer=tok)
+    with pytest.raises(UserError, match="the data source has world_size 2, the run 1"):
+        Trainer(config(tmp_path), DistInfo(), tokenizer=tok, data_source=PackedLoader(
+            examples(tok, 120, 0), block_size=96, batch_size=4, pad_id=tok.eot_id, world_size=2))
+    with pytest.raises(UserError, match="the data source has block_size 96, the run 64"):
+        Trainer(config(tmp_path, block_size=64), DistInfo(), data_source=loader(tok), tokenizer=tok)
