@@ -2,6 +2,7 @@
 force; a planted toy whose one expert carries a function is found, and perturbing it hurts that
 function only; bad input is a named error; the evidence script at a tiny size."""
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -17,7 +18,8 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score
 
 from minillm.errors import UserError
-from minillm.model import GPT, ModelConfig
+from minillm.hf import save_hf, save_hf_tokenizer
+from minillm.model import GPT, ModelConfig, load_model
 from minillm.modularity import (ProbingSet, average_precision, collect_activations, emergence,
                                 expert_units, find_functional_experts, function_loss, hypergeom_sf,
                                 match_partition, min_cost_assignment, modularity_summary,
@@ -215,6 +217,15 @@ def test_script_tiny_trains_keeps_checkpoints_and_reports_all_three_tables(tmp_p
     again = script.main(["--checkpoint", str(checkpoints[-1]), "--probing", str(probing),
                          "--out-dir", str(tmp_path / "again"), "--experts", "4"])
     assert set(again["perturbation"]["clean"]) == {"size"} and "emergence" not in again
+    # a Hugging Face GPT-2 folder with GELU (the tiny model's weights under another activation)
+    model, tok, _ = load_model(checkpoints[-1])
+    gelu = GPT(dataclasses.replace(model.config, activation="gelu_tanh"))
+    gelu.load_state_dict(model.state_dict())
+    save_hf(gelu, tmp_path / "hf")
+    save_hf_tokenizer(tok, tmp_path / "hf")
+    hf = script.main(["--hf", str(tmp_path / "hf"), "--probing", str(probing),
+                      "--out-dir", str(tmp_path / "hf_out"), "--experts", "4"])
+    assert hf["functional"]["clusters"]["pairs"] == 2 * 4  # 2 layers x 4 experts x 1 function
     probing.write_text("\n".join(json.dumps({**r, "label": 1}) for r in rows))
     with pytest.raises(UserError, match="one class only"):
         script.main(["--checkpoint", str(checkpoints[-1]), "--probing", str(probing),
