@@ -312,7 +312,9 @@ class MoE(nn.Module):
                 plan = transform(plan)
         dispatch_fn, combine_fn = _dispatch_combine(x_Td, plan)
         out_ECd = self.experts(dispatch_fn(x_Td))
-        y_Td = combine_fn(out_ECd) + outside_output(x_Td, plan, self.experts)
+        y_Td = combine_fn(out_ECd)
+        if self.plan_transforms and not dropless:  # only a transform marks entries outside the
+            y_Td = y_Td + outside_output(x_Td, plan, self.experts)  # buffer (a host sync to check)
         if self.output_bias is not None:
             y_Td = y_Td + self.output_bias
         self.stats = {k: v.detach() for k, v in routing_stats(plan, B * T).items()}
