@@ -204,6 +204,9 @@ class Experts(nn.Module):
         for w in (self.w_up, self.w_gate, self.w_down):
             if w is not None:
                 nn.init.normal_(w, std=0.02)
+        # hook here to observe / replace the (E, C, F) activations that feed the down projection
+        # (as DenseFFN.activation_point; minillm/modularity.py reads experts through it)
+        self.activation_point = nn.Identity()
 
     def forward(self, x_ECd: torch.Tensor) -> torch.Tensor:
         from .model import ACTIVATIONS
@@ -217,7 +220,7 @@ class Experts(nn.Module):
             h_ECF = act(g_ECF if self.b_gate is None else g_ECF + self.b_gate) * h_ECF
         else:
             h_ECF = act(h_ECF)
-        out_ECd = torch.bmm(h_ECF, self.w_down)
+        out_ECd = torch.bmm(self.activation_point(h_ECF), self.w_down)
         return out_ECd + self.b_down if self.b_down is not None else out_ECd
 
 

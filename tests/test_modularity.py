@@ -25,6 +25,7 @@ from minillm.modularity import (ProbingSet, average_precision, collect_activatio
                                 match_partition, min_cost_assignment, modularity_summary,
                                 moefication_partitions, predictivity, random_baseline, rankdata,
                                 spearman)
+from minillm.moefy import moefy_ffn
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "modularity.py"
 
@@ -181,6 +182,31 @@ def test_bad_input_is_a_named_error():
         collect_activations(swiglu, probe)
     with pytest.raises(UserError, match="has no answers"):
         function_loss(model, ProbingSet("x", probe.tokens, probe.labels))
+
+
+def test_native_moe_experts_are_read_and_perturbed_like_the_dense_ffn_they_came_from():
+    """A MoEfied layer with every expert active equals its dense FFN: its expert neurons (through
+    Experts.activation_point and the routing plan) are the dense neurons in the permuted order,
+    and perturbing the same neurons gives the same loss."""
+    dense, probe = planted_model(), planted_probe()
+    moe_model = planted_model()
+    moe_model.blocks[0].ffn = moefy_ffn(moe_model.blocks[0].ffn, num_experts=4, top_k=4)
+    perm = moe_model.blocks[0].ffn.unit_permutation.numpy()
+    dense_acts = collect_activations(dense, probe)[0]
+    moe_acts = collect_activations(moe_model, probe)[0]
+    np.testing.assert_allclose(moe_acts, dense_acts[:, perm], atol=1e-5)
+    assert moefication_partitions(moe_model)[0].tolist() == np.repeat(np.arange(4), 8).tolist()
+    units = np.arange(8, 16)  # dense ids of the planted expert
+    moe_units = np.flatnonzero(np.isin(perm, units))
+    assert function_loss(moe_model, probe, {0: moe_units}) == pytest.approx(
+        function_loss(dense, probe, {0: units}), abs=1e-5)
+    # top-1 routing: a neuron of an expert a token did not reach reads 0 for that token
+    routed = planted_model()
+    routed.blocks[0].ffn = moefy_ffn(routed.blocks[0].ffn, num_experts=4, top_k=1)
+    routed_acts = collect_activations(routed, probe)[0]
+    perm = routed.blocks[0].ffn.unit_permutation.numpy()
+    assert (routed_acts <= dense_acts[:, perm] + 1e-6).all()
+    assert (routed_acts < dense_acts[:, perm] - 1e-3).any()
 
 
 # --- the evidence script at a tiny size ------------------------------------------------------------
