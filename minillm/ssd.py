@@ -160,6 +160,8 @@ def to_moe(model: GPT, top_k: int, num_experts: int | None = None,
            labels: dict | None = None) -> GPT:
     """Every dense FFN of `model` replaced, in place, by its MoE with `top_k` experts (clustered
     now unless `labels` {layer: (F,) labels} is given); the same weights, for sparse inference."""
+    if num_experts is None and labels is None:
+        raise UserError("to_moe: pass num_experts, or labels to take the experts from")
     for i, block in enumerate(model.blocks):
         if isinstance(block.ffn, DenseFFN):
             E = num_experts or len(torch.unique(labels[i]))
@@ -415,9 +417,9 @@ class SSD:
         return out
 
 
-def dense_flop_meter(trainer) -> FlopMeter:
-    """A `FlopMeter` callback for a plain (dense) run, so that baselines are counted the same way:
-    its `total` holds the executed training FLOPs of this process."""
+def dense_flop_meter(trainer):
+    """Count a plain (dense) run's FLOPs the same way: a callback added to `trainer` whose `total`
+    holds the executed training FLOPs of this process (`by_kind`: per category)."""
     meter = _MeterCallback()
     meter.meter.attach(trainer.model)
     trainer.callbacks.append(meter)
