@@ -170,7 +170,10 @@ def check_stamp(cfg: ShearedConfig, out: Path, dist) -> None:
     `settings.json`; a rerun with other settings is refused by field."""
     mine = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "device")}
     path = out / "settings.json"
-    if path.is_file():
+    exists = path.is_file()
+    if dist.enabled:  # every process has looked before the main one may write it
+        torch.distributed.barrier()
+    if exists:
         saved = json.loads(path.read_text())
         changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in mine.items()
                    if saved.get(k) != v]
