@@ -59,7 +59,8 @@ class LLMBarConfig:
         "help": "per generation (CoT, metrics, reference); default 256 for a server, 32 locally"})
     checkpoint: str | None = field(default=None, metadata={
         "help": "a minillm model file; default: train a tiny GPT here"})
-    train_steps: int = field(default=300, metadata={"help": "steps of the tiny local model"})
+    train_steps: int = field(default=120, metadata={
+        "help": "steps (8 x 256 tokens each) of the tiny local model"})
     limit: int | None = field(default=None, metadata={"help": "first N pairs of every subset"})
     per_family: int = field(default=6, metadata={
         "help": "constructed set: instances of each of its 8 instruction families"})
@@ -107,7 +108,7 @@ def train_tiny_model(cfg: LLMBarConfig, out_dir: Path, device: str):
         prepare(docs, tok, data_dir, val_fraction=0.02, progress=False)
     steps = 10 if cfg.tiny else cfg.train_steps
     train_cfg = TrainConfig(data=[str(data_dir)], out_dir=str(out_dir / "model"), preset="tiny-gpt",
-                            block_size=64 if cfg.tiny else 256, batch_size=16, max_steps=steps,
+                            block_size=64 if cfg.tiny else 256, batch_size=8, max_steps=steps,
                             warmup_steps=min(20, steps // 2), eval_interval=steps,
                             ckpt_interval=steps, log_interval=max(steps // 4, 1), seed=cfg.seed,
                             device=device, overwrite=True, progress=False)
