@@ -1,0 +1,248 @@
+import math
+import random
+
+import pytest
+import torch
+
+import minillm.o1_learning as ol
+from minillm.errors import UserError
+from minillm.generate import continuation_logprobs
+from minillm.model import GPT, ModelConfig
+from minillm.o1_learning import (LearnConfig, Rollout, dpo_loss, group_advantages, grpo_loss,
+                                 kl_exact, kl_k3, make_batch, preference_pairs, run_rounds,
+                                 sequence_logprobs, token_logprobs, verified_chains)
+from minillm.tasks import Arithmetic, prompt
+from minillm.tokenizer import train_bpe
+
+PROBLEMS = Arithmetic().problems(level=1, n=40, split="train", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe([prompt(p) + p.solution for p in PROBLEMS], vocab_size=300)
+
+
+def tiny_gpt(tok, seed=0):
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=1, n_head=2, n_embd=32))
+
+
+# --- log-probabilities ---
+
+def test_sequence_logprobs_equal_unpadded_scoring_and_skip_the_prompt(tok):
+    model = tiny_gpt(tok).eval()
+    prompts = [tok.encode_ordinary(prompt(p)) for p in PROBLEMS[:3]]
+    completions = [tok.encode_ordinary(p.solution) + [tok.eot_id] for p in PROBLEMS[:3]]
+    completions[1] = completions[1][:2]  # lengths differ: right padding in one batch
+    batch = make_batch(prompts, completions, pad_id=tok.eot_id)
+    assert batch.mask.sum(-1).tolist() == [len(c) for c in completions]
+    got = sequence_logprobs(model, batch)
+    want = [float(x.sum()) for x in continuation_logprobs(model, prompts, completions)]
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=1e-5)
+    # exactly the completion tokens carry a log-probability
+    assert (token_logprobs(model, batch) != 0).sum(-1).tolist() == [len(c) for c in completions]
+
+
+# --- losses against hand computations ---
+
+def test_group_advantages_by_hand():
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]), eps=0.0)
+    # group 1: mean 0.5, population std 0.5; group 2: all equal -> zero (0 / (0 + eps))
+    assert adv[0].tolist() == [1.0, -1.0, -1.0, 1.0]
+    assert group_advantages(torch.tensor([[1.0, 1.0, 1.0]]), eps=1e-4).tolist() == [[0.0, 0.0, 0.0]]
+    r = torch.tensor([[2.0, 0.0, 1.0]])
+    std = math.sqrt(((2 - 1) ** 2 + 1 + 0) / 3)
+    torch.testing.assert_close(group_advantages(r, eps=0.1),
+                               torch.tensor([[1 / (std + 0.1), -1 / (std + 0.1), 0.0]]))
+
+
+def test_grpo_loss_by_hand():
+    logp = torch.tensor([[-1.0, -0.5, 0.0], [-2.0, -1.0, -0.3]])
+    old = torch.tensor([[-1.2, -0.5, 0.0], [-1.0, -1.1, 0.0]])
+    ref = torch.tensor([[-1.1, -0.4, 0.0], [-2.0, -0.9, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    adv = torch.tensor([1.5, -0.5])
+    eps, beta = 0.2, 0.1
+
+    def k3(lp, rf):
+        return math.exp(rf - lp) - (rf - lp) - 1
+
+    def token(lp, od, rf, a):
+        rho = math.exp(lp - od)
+        surrogate = min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a)
+        return -(surrogate - beta * k3(lp, rf))
+
+    # sequence 1: tokens 1-2 (rho = e^0.2 = 1.22 is clipped to 1.2 for A > 0; rho = 1)
+    seq1 = (token(-1.0, -1.2, -1.1, 1.5) + token(-0.5, -0.5, -0.4, 1.5)) / 2
+    # sequence 2: rho = e^-1 = 0.37 (clip at 0.8 is the min for A < 0), e^0.1, e^-0.3
+    seq2 = (token(-2.0, -1.0, -2.0, -0.5) + token(-1.0, -1.1, -0.9, -0.5)
+            + token(-0.3, 0.0, 0.0, -0.5)) / 3
+    kl = kl_k3(logp, ref)
+    got = grpo_loss(logp, old, adv, mask, kl, clip_eps=eps, kl_coef=beta)
+    assert got.item() == pytest.approx((seq1 + seq2) / 2, rel=1e-6)
+    # per-token advantages (B, T) equal to the broadcast (B,) ones give the same loss
+    assert grpo_loss(logp, old, adv[:, None].expand(2, 3), mask, kl, eps, beta).item() == \
+        pytest.approx(got.item(), rel=1e-6)
+    # clipping matters: sequence 1's first token with rho = 1.22 > 1.2 has no gradient
+    lp = logp.clone().requires_grad_(True)
+    grpo_loss(lp, old, adv, mask, torch.zeros_like(lp), eps, 0.0).backward()
+    assert lp.grad[0, 0] == 0 and lp.grad[0, 1] != 0 and lp.grad[0, 2] == 0
+
+
+def test_dpo_loss_by_hand():
+    chosen, rejected = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    ref_chosen, ref_rejected = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -2.5])
+    beta = 0.5
+    margins = [beta * ((-3.0 + 3.5) - (-4.0 + 3.0)), beta * ((-5.0 + 4.0) - (-2.0 + 2.5))]
+    want = sum(math.log(1 + math.exp(-m)) for m in margins) / 2
+    assert dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta).item() == pytest.approx(want)
+    # at the reference the loss is log 2 whatever beta
+    assert dpo_loss(chosen, rejected, chosen, rejected, 3.0).item() == pytest.approx(math.log(2))
+
+
+def test_kl_terms_by_hand_and_zero_at_the_reference(tok):
+    lp, rf = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    assert kl_k3(lp, rf).item() == pytest.approx(0.5 - math.log(0.5) - 1)
+    p, q = torch.tensor([[[0.5, 0.25, 0.25]]]), torch.tensor([[[0.25, 0.25, 0.5]]])
+    assert kl_exact(p.log(), q.log()).item() == pytest.approx(0.5 * math.log(2) + 0.25 * math.log(0.5))
+    # the policy equal to the reference: both KL terms are exactly zero on real batches
+    model = tiny_gpt(tok)
+    reference = tiny_gpt(tok)
+    batch = make_batch([tok.encode_ordinary(prompt(p)) for p in PROBLEMS[:4]],
+                       [tok.encode_ordinary(p.solution) for p in PROBLEMS[:4]], tok.eot_id)
+    logp, logp_full = token_logprobs(model, batch, full=True)
+    ref, ref_full = token_logprobs(reference, batch, full=True)
+    assert kl_k3(logp, ref).abs().max().item() == 0.0
+    assert kl_exact(logp_full, ref_full).abs().max().item() == 0.0
+    # and differs from zero (positive) for another policy
+    other = token_logprobs(tiny_gpt(tok, seed=1), batch, full=True)
+    assert (kl_k3(other[0], ref)[batch.mask] > 0).all()
+    assert (kl_exact(other[1], ref_full) > 0).all()
+
+
+# --- data from sampling ---
+
+def rollout(problem, text, tok):
+    return Rollout(problem, text, tok.encode_ordinary(prompt(problem)), tok.encode_ordinary(text),
+                   float(text == problem.solution))
+
+
+def test_expert_iteration_keeps_only_verified_chains(tok):
+    p, q = PROBLEMS[0], PROBLEMS[1]
+    wrong_answer = p.solution.replace(f"A: {p.answer}", f"A: {int(p.answer) + 1}")
+    groups = [[rollout(p, p.solution, tok), rollout(p, wrong_answer, tok), rollout(p, p.solution, tok),
+               rollout(p, "garbage", tok)],
+              [rollout(q, "A: 12345\n", tok)]]
+    kept = verified_chains(groups, per_question=4)
+    assert [(r.problem, r.text) for r in kept] == [(p, p.solution)]  # duplicates once
+    # a checker that accepts everything keeps every distinct text, at most per_question each
+    assert len(verified_chains(groups, per_question=2, verify=lambda *_: True)) == 3
+
+
+def test_preference_pairs_are_a_correct_and_a_wrong_chain_of_one_question(tok):
+    p, q = PROBLEMS[0], PROBLEMS[1]
+    wrong = [p.solution.replace(f"A: {p.answer}", f"A: {k}") for k in (1001, 1002, 1003)]
+    groups = [[rollout(p, p.solution, tok)] + [rollout(p, w, tok) for w in wrong],
+              [rollout(q, q.solution, tok)] * 3]  # all right: no pair
+    pairs = preference_pairs(groups, per_question=2, rng=random.Random(0))
+    assert len(pairs) == 2 and len({b.text for _, b in pairs}) == 2
+    assert all(a.problem == b.problem == p and a.reward == 1 and b.reward == 0 for a, b in pairs)
+
+
+# --- the methods move the policy the right way ---
+
+def test_grpo_and_dpo_steps_raise_the_likelihood_of_correct_chains(tok):
+    p = PROBLEMS[2]
+    wrong = p.solution.replace(f"A: {p.answer}", f"A: {int(p.answer) + 3}")
+    chains = [rollout(p, p.solution, tok), rollout(p, wrong, tok)] * 2
+    for r in chains:
+        r.completion = r.completion + [tok.eot_id]
+    cfg = LearnConfig(steps_per_round=10, batch_size=4, lr=3e-3, kl_coef=0.0)
+    batch = make_batch([r.prompt_ids for r in chains[:2]], [r.completion for r in chains[:2]], tok.eot_id)
+    for method in ("grpo", "dpo"):
+        model, reference = tiny_gpt(tok), tiny_gpt(tok)
+        with torch.no_grad():
+            before = sequence_logprobs(model, batch)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        if method == "grpo":
+            ol.grpo_steps(model, reference, opt, [chains], cfg, random.Random(0), tok.eot_id)
+        else:
+            ol.dpo_steps(model, reference, opt, [(chains[0], chains[1])], cfg, random.Random(0),
+                         tok.eot_id)
+        with torch.no_grad():
+            after = sequence_logprobs(model, batch)
+        gap_before, gap_after = before[0] - before[1], after[0] - after[1]
+        assert gap_after > gap_before + 1.0, method
+
+
+# --- rounds: state and resume ---
+
+def setup_run(tok):
+    policy = tiny_gpt(tok)
+    questions = Arithmetic().problems(level=1, n=8, split="train", seed=1)
+    evals = {"held_out": Arithmetic().problems(level=1, n=4, split="test", seed=0)}
+    return policy, questions, PROBLEMS[:8], evals
+
+
+def _run(tok, cfg, path, log=lambda s: None):
+    policy, questions, sft, evals = setup_run(tok)
+    history = run_rounds(cfg, policy, tok, questions, sft, evals, path, log=log)
+    return policy, [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+@pytest.mark.parametrize("method", ["expert", "grpo", "dpo", "sft"])
+def test_a_killed_run_resumes_at_its_round_and_matches_an_uninterrupted_one(tok, tmp_path, method,
+                                                                             monkeypatch):
+    cfg = dict(method=method, steps_per_round=2, batch_size=4, questions_per_round=4, group_size=3,
+               max_new_tokens=24, lr=1e-3, temperature=1.5)
+    # an untrained policy is never right: a checker that accepts even lengths gives every method
+    # mixed rewards, so kept chains (expert), advantages (grpo) and pairs (dpo) are exercised
+    monkeypatch.setattr(ol, "check", lambda problem, text: len(text) % 2 == 0)
+    straight, want = _run(tok, LearnConfig(rounds=3, **cfg), tmp_path / "a.pt")
+    assert [r["round"] for r in want] == [0, 1, 2, 3]
+    assert all(r["steps"] == 2 for r in want[1:])
+    if method != "sft":
+        assert all(0 < r["sample_reward"] < 1 for r in want[1:])
+    # killed during round 2: its sampling raises after round 1 was saved
+    real, calls = ol.sample_rollouts, []
+
+    def dies_in_round_2(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ol, "sample_rollouts", dies_in_round_2)
+    if method == "sft":  # the control samples nothing: it dies in its second round's steps
+        real_sft = ol.sft_steps
+
+        def sft_dies(*args, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real_sft(*args, **kw)
+        monkeypatch.setattr(ol, "sft_steps", sft_dies)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tok, LearnConfig(rounds=3, **cfg), tmp_path / "b.pt")
+    monkeypatch.setattr(ol, "sample_rollouts", real)
+    if method == "sft":
+        monkeypatch.setattr(ol, "sft_steps", real_sft)
+    assert ol.load_round_state(tmp_path / "b.pt", LearnConfig(rounds=3, **cfg))["round"] == 1
+    logs = []
+    resumed, got = _run(tok, LearnConfig(rounds=3, **cfg), tmp_path / "b.pt", log=logs.append)
+    assert "resuming after round 1" in logs[0]
+    assert got == want
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_more_rounds_continue_and_other_settings_are_refused(tok, tmp_path):
+    cfg = dict(method="grpo", steps_per_round=1, batch_size=4, questions_per_round=2, group_size=2,
+               max_new_tokens=16)
+    _, one = _run(tok, LearnConfig(rounds=1, **cfg), tmp_path / "s.pt")
+    _, two = _run(tok, LearnConfig(rounds=2, **cfg), tmp_path / "s.pt")
+    assert two[:2] == one and len(two) == 3
+    with pytest.raises(UserError, match="lr"):
+        _run(tok, LearnConfig(rounds=2, **{**cfg, "lr": 0.5}), tmp_path / "s.pt")
+    with pytest.raises(UserError, match="method"):
+        LearnConfig(method="ppo").validate()
