@@ -2,7 +2,8 @@
 
 Scripts keep their settings in a dataclass (the single source of defaults and documentation) and
 call `parse_config(Config)`. A field's help text comes from `field(metadata={"help": ...})`.
-Booleans take an explicit value (`--shuffle false`) so that a default of True can be turned off.
+A boolean flag alone means true (`--tiny`); it also takes a value (`--shuffle false`), so that a
+default of True can be turned off.
 List fields take one or more values and may be repeated (`--prompt "a" --prompt "b"`).
 """
 
@@ -36,7 +37,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kind = inner[0] if len(inner) == 1 else str
             origin, args = typing.get_origin(kind), typing.get_args(kind)
         if kind is bool:
-            kwargs.update(type=_parse_bool, metavar="BOOL")
+            kwargs.update(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
         elif origin is list:
             # `--data a b --data c` gives [a, b, c]; argparse would extend the default list in
             # place, so the default is filled in by parse_config when the flag is absent.

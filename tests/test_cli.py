@@ -30,3 +30,17 @@ def test_bad_values_are_refused(capsys):
     with pytest.raises(SystemExit):
         parse_config(Config, ["--shuffle", "maybe"])
     assert "expected true or false" in capsys.readouterr().err
+
+
+@dataclass
+class Flags:
+    tiny: bool = False
+    steps: int = 10
+
+
+def test_a_boolean_flag_alone_means_true_and_still_takes_a_value():
+    assert parse_config(Flags, ["--tiny"]).tiny is True
+    assert parse_config(Flags, ["--tiny", "--steps", "3"]) == Flags(tiny=True, steps=3)
+    assert parse_config(Flags, ["--tiny", "false"]).tiny is False
+    assert parse_config(Flags, []).tiny is False
+    assert parse_config(Config, ["--shuffle", "no"]).shuffle is False
