@@ -438,18 +438,32 @@ def eval_batches(dataset: TokenDataset, block_size: int, batch_size: int,
 
 def parse_domains(specs: list[str]) -> dict[str, tuple[str, float]]:
     """Domains from command-line specs: `PATH` (named after its folder, weight 1) or
-    `NAME=PATH[:WEIGHT]`, e.g. `["web=data/web:0.7", "code=data/code:0.3"]`."""
+    `NAME=PATH[:WEIGHT]`, e.g. `["web=data/web:0.7", "code=data/code:0.3"]`.
+
+    A spec that is an existing path is a path, whatever characters it holds; otherwise the text
+    before the first '=' is a name when it holds no path separator (so `data/a=b` is a path).
+    A trailing `:NUMBER` is the weight (a ':' followed by anything else belongs to the path)."""
     domains: dict[str, tuple[str, float]] = {}
     for spec in specs:
-        name, _, rest = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        path, weight = rest, 1.0
-        head, sep, tail = rest.rpartition(":")
-        if sep:
+        name, path = "", spec
+        head, sep, tail = spec.partition("=")
+        if sep and "/" not in head and "\\" not in head and not Path(spec).exists():
+            name, path = head, tail
+        weight = 1.0
+        body, sep, number = path.rpartition(":")
+        if sep and not Path(path).exists():
             try:
-                path, weight = head, float(tail)
+                weight = float(number)
             except ValueError:
                 pass  # a ':' that belongs to the path
+            else:
+                path = body
+                if not (weight >= 0 and weight != float("inf")):
+                    raise UserError(f"data spec {spec!r}: the weight after ':' must be a finite "
+                                    f"number >= 0, got {number!r}")
         name = name or Path(path).name
+        if not path or not name:
+            raise UserError(f"data spec {spec!r}: expected PATH or NAME=PATH[:WEIGHT]")
         if name in domains:
             raise UserError(f"domain {name!r} is given twice in {specs}")
         domains[name] = (path, weight)

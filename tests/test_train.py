@@ -178,6 +178,19 @@ def test_domain_specs():
         parse_domains(["data/web", "other/web"])
 
 
+def test_domain_specs_with_equals_and_colons_in_paths(tmp_path):
+    assert parse_domains(["data/a=b"]) == {"a=b": ("data/a=b", 1.0)}  # '=' after a '/' is the path's
+    assert parse_domains(["web=data/x=y:0.5"]) == {"web": ("data/x=y", 0.5)}
+    assert parse_domains(["c=data/v:2"]) == {"c": ("data/v", 2.0)}
+    existing = tmp_path / "k=v:3"
+    existing.mkdir()
+    assert parse_domains([str(existing)]) == {"k=v:3": (str(existing), 1.0)}  # an existing path wins
+    assert parse_domains(["w=data/web:abc"]) == {"w": ("data/web:abc", 1.0)}
+    for bad in (["w=data/web:-1"], ["w=data/web:inf"], ["w=data/web:nan"], ["="], ["w="]):
+        with pytest.raises(ValueError, match="data spec"):
+            parse_domains(bad)
+
+
 def test_mfu_table():
     assert peak_flops(torch.device("cpu")) is None
     assert dict(PEAK_BF16_FLOPS)["H100"] == 989e12
