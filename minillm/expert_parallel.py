@@ -1,154 +1,145 @@
-"""Expert parallelism: the experts of an MoE layer sharded over the ranks of a process group.
+"""Expert parallelism: the collectives behind an MoE layer whose experts are sharded over ranks.
 
-Rank r of P holds experts [r * E/P, (r + 1) * E/P) and routes its own tokens with a replicated
-router (capacity computed over its own tokens, as in minillm.moe). A forward pass:
+The layer is `minillm.moe.MoE` itself: given a process group (`MoE(d, cfg, ep_group=g)` or
+`moe.shard_experts(g)`), rank r of P keeps experts [r * E/P, (r + 1) * E/P), routes its own tokens
+with the replicated router (capacity over its own tokens), runs the same plan transforms, and sends
+its (E, C, d) dispatch buffer to the experts' owners with `all_to_all` below. This file holds what
+the layer and the trainer need from torch.distributed, and imports nothing from minillm:
 
-1. route locally; sort the kept (token, choice) entries by global expert, which groups them by the
-   rank that owns the expert;
-2. exchange the per-expert counts (`all_to_all_single` on E integers), then the token rows with
-   `all_to_all_single` and those split sizes (the sizes must be on the host: one synchronisation);
-3. regroup the received rows expert-major into an (E/P, M, d) buffer, run the local experts as one
-   batched matrix product, and send the results back the same way;
-4. combine each token's returned rows with its weights.
+- `all_to_all`: an autograd all-to-all with equal splits (its backward is the same exchange);
+- `make_groups`: expert-parallel groups of N consecutive ranks, and the data-parallel groups that
+  hold the same experts (ranks r, r + N, r + 2N, ...);
+- `reduce_expert_gradients` and `global_grad_norm`: expert gradients are not averaged by DDP (each
+  rank holds different experts); they are summed over the ranks holding the same experts and
+  scaled so that every gradient is that of the loss averaged over all ranks, and the clipping norm
+  counts every shard once;
+- `gather_experts` / `shard_experts`: checkpoints hold experts under their global index (a
+  single-process model's state), whatever the layout that saved or loads them.
 
-The exchange is an autograd Function (its backward is the reverse exchange), so gradients reach the
-tokens, the router and the experts. Every rank takes part in every collective, with zero rows if it
-has none to send. Expert parameters belong to one rank each and must not be averaged with other
-ranks' experts: `expert_parameters()` and `replicated_parameters()` let the trainer reduce the
-router (and the rest of the model) over the data-parallel group only; `allreduce_gradients` does
-it with Megatron's scaling (expert gradients / data-parallel size). `full_state_dict()` gathers
-the experts under their global index, so a checkpoint saved with P ranks loads into a single-process
-`minillm.moe.MoE` and back (`load_full_state_dict`).
+Sharded parameters are found by duck typing: a module with an `ep_group` (not None) offers them
+through `sharded_parameters()` ({name: parameter}).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .moe import Experts, MoEConfig, Router, auxiliary_losses, routing_stats
-
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single of rows with split sizes; backward exchanges gradients the other way."""
+    """Chunk i of dim 0 goes to rank i of `group`; chunk j of the result came from rank j.
+    The backward sends each chunk's gradient back the same way (equal splits: the same call)."""
 
     @staticmethod
-    def forward(ctx, x_Md, send_splits, recv_splits, group):
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
-        out = x_Md.new_empty(sum(recv_splits), x_Md.shape[-1])
-        dist.all_to_all_single(out, x_Md.contiguous(), recv_splits, send_splits, group=group)
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_in = grad_out.new_empty(sum(ctx.send_splits), grad_out.shape[-1])
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.send_splits, ctx.recv_splits,
-                               group=ctx.group)
-        return grad_in, None, None, None
+        grad_in = torch.empty_like(grad_out, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), group=ctx.group)
+        return grad_in, None
 
 
-class ExpertParallelMoE(nn.Module):
-    def __init__(self, d: int, cfg: MoEConfig, group=None):
-        super().__init__()
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        if cfg.num_experts % self.world:
-            raise ValueError(f"{cfg.num_experts} experts do not split over {self.world} ranks")
-        self.cfg = cfg
-        self.local_experts = cfg.num_experts // self.world
-        self.first_expert = self.rank * self.local_experts
-        self.router = Router(d, cfg)
-        self.experts = Experts(d, dataclasses.replace(cfg, num_experts=self.local_experts))
-        self.stats: dict = {}
-
-    def expert_parameters(self):
-        return list(self.experts.parameters())
-
-    def replicated_parameters(self):
-        return list(self.router.parameters())
-
-    def forward(self, x_BTd: torch.Tensor):
-        B, T, d = x_BTd.shape
-        x_Td = x_BTd.reshape(B * T, d)
-        dropless = self.cfg.capacity_factor <= 0 or (not self.training and self.cfg.eval_dropless)
-        plan = self.router(x_Td, dropless=dropless)
-        kept = plan.kept
-        expert_M, token_M, weight_M = plan.expert[kept], plan.token[kept], plan.weight[kept]
-        order = torch.argsort(expert_M, stable=True)  # grouped by owning rank, then by expert
-        expert_M, token_M, weight_M = expert_M[order], token_M[order], weight_M[order]
-        E, L = self.cfg.num_experts, self.local_experts
-        send_counts_E = torch.bincount(expert_M, minlength=E)
-        recv_counts_PL = torch.empty_like(send_counts_E)
-        dist.all_to_all_single(recv_counts_PL, send_counts_E, group=self.group)  # L per rank
-        # host synchronisation: all_to_all needs its split sizes as Python integers
-        send_splits = send_counts_E.view(self.world, L).sum(1).tolist()
-        recv_counts_PL = recv_counts_PL.view(self.world, L)
-        recv_splits = recv_counts_PL.sum(1).tolist()
-        rows_Rd = _AllToAll.apply(x_Td[token_M], send_splits, recv_splits, self.group)
-
-        # received rows are ordered (source rank, local expert, entry); regroup expert-major
-        local_expert_R = torch.repeat_interleave(
-            torch.arange(L, device=x_Td.device).repeat(self.world), recv_counts_PL.reshape(-1))
-        by_expert = torch.argsort(local_expert_R, stable=True)
-        per_expert_L = torch.bincount(local_expert_R, minlength=L)
-        M = max(int(per_expert_L.max()) if len(local_expert_R) else 0, 1)  # host sync: buffer size
-        starts_L = torch.cumsum(per_expert_L, 0) - per_expert_L
-        sorted_expert = local_expert_R[by_expert]
-        slot = torch.arange(len(by_expert), device=x_Td.device) - starts_L[sorted_expert]
-        buf_LMd = rows_Rd.new_zeros(L, M, d)
-        buf_LMd = buf_LMd.index_put((sorted_expert, slot), rows_Rd[by_expert])
-        out_LMd = self.experts(buf_LMd)
-        out_Rd = out_LMd.new_empty(rows_Rd.shape)  # in the experts' dtype (bf16 under autocast)
-        out_Rd = out_Rd.index_put((by_expert,), out_LMd[sorted_expert, slot])
-
-        back_Md = _AllToAll.apply(out_Rd, recv_splits, send_splits, self.group)
-        y_Td = x_Td.new_zeros(B * T, d).index_add(
-            0, token_M, (back_Md * weight_M[:, None].to(back_Md.dtype)).to(x_Td.dtype))
-        self.stats = {k: v.detach() for k, v in routing_stats(plan, B * T).items()}
-        return y_Td.view(B, T, d), auxiliary_losses(plan, self.cfg) if self.training else {}
-
-    # --- checkpoints under global expert indices ---
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state of an equivalent single-process `MoE` (experts gathered from every rank, along
-        dim 0 in global order). Collective: every rank calls it; every rank gets the result."""
-        out = {}
-        for name, t in self.state_dict().items():
-            if name.startswith("experts."):
-                parts = [torch.empty_like(t) for _ in range(self.world)]
-                dist.all_gather(parts, t.contiguous(), group=self.group)
-                out[name] = torch.cat(parts, dim=0)
-            else:
-                out[name] = t.clone()
-        return out
-
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a single-process `MoE` state, keeping this rank's experts."""
-        sl = slice(self.first_expert, self.first_expert + self.local_experts)
-        self.load_state_dict({k: (v[sl] if k.startswith("experts.") else v) for k, v in state.items()})
+def all_to_all(x_P: torch.Tensor, group) -> torch.Tensor:
+    """All-to-all of `x_P` (first dim = the group's size) with autograd."""
+    return _AllToAll.apply(x_P, group)
 
 
-def allreduce_gradients(model: nn.Module, group=None, expert_group=None) -> None:
-    """Data-parallel gradient reduction when some layers are expert-parallel, scaled as Megatron-LM
-    does, so that every gradient is that of the loss averaged over the data-parallel ranks (what
-    DDP computes for a dense model). Call after backward, instead of wrapping the model in DDP.
+def max_over(value: int, group, device: torch.device) -> int:
+    """The largest `value` of the group's ranks (one all-reduce; waits for the device)."""
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t)
 
-    A replicated parameter (router, attention, ...) is averaged over `group` (default: all ranks;
-    its size is the data-parallel size D). An expert's gradient already sums the contributions of
-    every rank whose tokens reached it through the all-to-all, so it is divided by D, then summed
-    over `expert_group` (the ranks holding the same experts; None: no other rank does)."""
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, ExpertParallelMoE)
-                  for p in m.expert_parameters()}
-    data_parallel = dist.get_world_size(group)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if id(p) in expert_ids:
-            p.grad.div_(data_parallel)
-            if expert_group is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=expert_group)
-        else:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, group=group)
+
+# --- groups -----------------------------------------------------------------------------------------
+
+def make_groups(ep_size: int):
+    """(expert-parallel group, expert data-parallel group) of this rank. World = ep_size * D:
+    ranks [g * ep_size, (g + 1) * ep_size) shard the experts between them; ranks r, r + ep_size, ...
+    hold the same experts (None when D = 1). Collective: every rank creates every group."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ep_size:
+        raise ValueError(f"{world} ranks do not split into expert-parallel groups of {ep_size}")
+    ep_group = dp_group = None
+    for start in range(0, world, ep_size):
+        group = dist.new_group(list(range(start, start + ep_size)))
+        if start <= rank < start + ep_size:
+            ep_group = group
+    if world > ep_size:
+        for first in range(ep_size):
+            ranks = list(range(first, world, ep_size))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                dp_group = group
+    return ep_group, dp_group
+
+
+# --- gradients --------------------------------------------------------------------------------------
+
+def sharded_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{full name in `model`: parameter} of every expert-parallel layer's sharded experts."""
+    found = {}
+    for name, module in model.named_modules():
+        if getattr(module, "ep_group", None) is not None:
+            for pname, p in module.sharded_parameters().items():
+                found[f"{name}.{pname}" if name else pname] = p
+    return found
+
+
+def reduce_expert_gradients(params, world_size: int, dp_group) -> None:
+    """Make each sharded expert gradient that of the loss averaged over all `world_size` ranks.
+
+    After backward, a shard's gradient already sums the contributions of every rank of its
+    expert-parallel group (their tokens reached it through the all-to-all), each from a loss that
+    is that rank's own mean. Summing over `dp_group` (the ranks with the same experts; None: no
+    other) adds the other groups' tokens; dividing by the world size gives the average, which is
+    what DDP computes for a replicated parameter (Megatron-LM scales expert gradients alike)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if dp_group is not None:
+        for g in grads:
+            dist.all_reduce(g, group=dp_group)
+    for g in grads:
+        g.div_(world_size)
+
+
+def global_grad_norm(replicated, sharded, ep_group, device: torch.device) -> torch.Tensor:
+    """L2 norm of the whole model's gradient: replicated gradients (the same on every rank) once,
+    plus every expert shard of the expert-parallel group once (an all-reduce of squared norms)."""
+    def squared(params):
+        return sum((torch.linalg.vector_norm(p.grad.float()).square() for p in params
+                    if p.grad is not None), torch.zeros((), device=device))
+    sharded_sq = squared(sharded)
+    dist.all_reduce(sharded_sq, group=ep_group)
+    return (squared(replicated) + sharded_sq).sqrt()
+
+
+# --- checkpoints under global expert indices ---------------------------------------------------------
+
+def gather_experts(tensors: dict, names: set[str], group) -> dict:
+    """`tensors` with every entry named in `names` (a rank's shard of E/P experts along dim 0)
+    replaced by all shards of `group` concatenated in rank order, i.e. all E experts under their
+    global index, on the CPU. Collective: every rank of the group calls it with the same names."""
+    size = dist.get_world_size(group)
+    out = dict(tensors)
+    for name in [n for n in tensors if n in names]:  # the same order on every rank
+        t = tensors[name].contiguous()
+        parts = [torch.empty_like(t) for _ in range(size)]
+        dist.all_gather(parts, t, group=group)
+        out[name] = torch.cat(parts).cpu()
+    return out
+
+
+def shard_experts(tensors: dict, names: set[str], rank: int, size: int) -> dict:
+    """The inverse of `gather_experts` for one rank: entries in `names` (all E experts along dim 0)
+    cut to experts [rank * E/size, (rank + 1) * E/size)."""
+    out = dict(tensors)
+    for name in names & tensors.keys():
+        per = tensors[name].shape[0] // size
+        out[name] = tensors[name][rank * per:(rank + 1) * per]
+    return out

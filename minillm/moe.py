@@ -19,18 +19,26 @@ al. 2021) in four explicit steps, so that methods can change one step without fl
 In evaluation the layer routes dropless (`eval_dropless`), so a token's output never depends on the
 other tokens of its batch, and cached generation equals uncached generation.
 
+Expert parallelism is a property of the same layer (`MoE(..., ep_group=g)`): the experts are
+sharded over the group's ranks and the dispatch buffer crosses ranks with an autograd all-to-all
+(minillm/expert_parallel.py), while routing, plan transforms, losses and kernels run unchanged.
+
 Dispatch and combine here are the PyTorch reference; the CUDA kernels (minillm/moe_kernels.py, when
 present) implement the same semantics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+
+from .expert_parallel import all_to_all, max_over
 
 
 @dataclass
@@ -75,6 +83,10 @@ class RoutingPlan:
     # What the router divided each token's probabilities by to get its weights (the sum of its
     # top-k probabilities when renormalising, else 1); None when weights are all 1 (unweighted).
     weight_norm_T: torch.Tensor | None = None
+    # Where tokens and experts live under expert parallelism: the rank of each token (T,) and of
+    # each expert (E,). None on one process (a transform may then assume a layout of its own).
+    token_device_T: torch.Tensor | None = None
+    expert_device_E: torch.Tensor | None = None
 
     @property
     def kept(self) -> torch.Tensor:
@@ -208,6 +220,12 @@ class Experts(nn.Module):
         # (as DenseFFN.activation_point; minillm/modularity.py reads experts through it)
         self.activation_point = nn.Identity()
 
+    def keep(self, experts: slice) -> None:
+        """Keep only the given experts (e.g. one rank's share under expert parallelism)."""
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(p.detach()[experts].clone(),
+                                             requires_grad=p.requires_grad))
+
     def forward(self, x_ECd: torch.Tensor) -> torch.Tensor:
         from .model import ACTIVATIONS
 
@@ -268,19 +286,25 @@ def _dispatch_combine(x_Td: torch.Tensor, plan: RoutingPlan):
     return (lambda x: dispatch(x, plan)), (lambda out: combine(out, plan, x_Td.shape[0]))
 
 
-def outside_output(x_Td: torch.Tensor, plan: RoutingPlan, experts: "Experts") -> torch.Tensor:
+def outside_output(x_Td: torch.Tensor, plan: RoutingPlan, experts: "Experts",
+                   first_expert: int = 0) -> torch.Tensor:
     """Weighted outputs of the entries computed outside the buffer (slot -2), summed per token:
-    a second, dropless dispatch of just those entries through the same experts."""
+    a second, dropless dispatch of just those entries through the same experts, without any
+    exchange between ranks. `experts` holds the experts from `first_expert` on (under expert
+    parallelism, this rank's share): an outside entry must name one of them."""
     y_Td = torch.zeros_like(x_Td)
     outside = plan.slot == OUTSIDE
     if not bool(outside.any()):
         return y_Td
-    expert_M, token_M = plan.expert[outside], plan.token[outside]
-    loads = torch.bincount(expert_M, minlength=plan.num_experts)
+    expert_M, token_M = plan.expert[outside] - first_expert, plan.token[outside]
+    E = experts.w_up.shape[0]
+    if E != plan.num_experts and bool(((expert_M < 0) | (expert_M >= E)).any()):
+        raise ValueError("an entry computed outside the buffer names an expert of another rank; "
+                         "such entries are computed where their token is")
+    loads = torch.bincount(expert_M, minlength=E)
     capacity = max(int(loads.max()), 1)  # host sync: the second buffer's size
-    slot_M = assign_slots(expert_M, torch.arange(len(expert_M), device=x_Td.device),
-                          plan.num_experts, capacity)
-    buf_ECd = x_Td.new_zeros(plan.num_experts, capacity, x_Td.shape[-1])
+    slot_M = assign_slots(expert_M, torch.arange(len(expert_M), device=x_Td.device), E, capacity)
+    buf_ECd = x_Td.new_zeros(E, capacity, x_Td.shape[-1])
     buf_ECd[expert_M, slot_M] = x_Td[token_M]
     out_ECd = experts(buf_ECd)
     rows = out_ECd[expert_M, slot_M] * plan.weight[outside, None].to(out_ECd.dtype)
@@ -294,9 +318,18 @@ class MoE(nn.Module):
     routing and dispatch, in training (evaluation routes dropless, where they have nothing to do).
     Entries they mark as computed outside the buffer (slot -2) are run through the experts in a
     second, dropless pass. `output_bias` (d,), when set, is added once to every token (a dense FFN's
-    down-projection bias after MoEfication). The last routing statistics are in `self.stats`."""
+    down-projection bias after MoEfication). The last routing statistics are in `self.stats`.
 
-    def __init__(self, d: int, cfg: MoEConfig, plan_transforms=()):
+    Expert parallelism (`ep_group`, or `shard_experts` on a built layer): rank r of the group's P
+    keeps experts [r * E/P, (r + 1) * E/P) (`first_expert` on). Each rank routes, transforms and
+    dispatches its own tokens exactly as on one process (capacity over its own tokens; the plan
+    says where tokens and experts live), the group agrees on the buffer size C, and the (E, C, d)
+    buffer crosses ranks with one all-to-all each way (equal splits: no sizes to exchange). So a
+    rank computes what one process computes for that rank's tokens alone. Entries computed outside
+    the buffer stay on their token's rank and must name one of its experts (Intra-GPU
+    Rectification chooses them there)."""
+
+    def __init__(self, d: int, cfg: MoEConfig, plan_transforms=(), ep_group=None):
         super().__init__()
         self.cfg = cfg
         self.router = Router(d, cfg)
@@ -304,20 +337,69 @@ class MoE(nn.Module):
         self.plan_transforms = list(plan_transforms)
         self.output_bias: nn.Parameter | None = None
         self.stats: dict = {}
+        self.ep_group, self.ep_rank, self.ep_size = None, 0, 1
+        if ep_group is not None:
+            self.shard_experts(ep_group)
+
+    @property
+    def first_expert(self) -> int:
+        """Global index of this rank's first expert (0 on one process)."""
+        return self.ep_rank * self.cfg.num_experts // self.ep_size
+
+    def shard_experts(self, group) -> None:
+        """Make the layer expert-parallel over `group`: keep this rank's E/P experts (the others
+        are dropped; every rank must hold the same full layer before, e.g. built from one seed)."""
+        if self.ep_group is not None:
+            raise ValueError("the experts are already sharded")
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.cfg.num_experts % size:
+            raise ValueError(f"{self.cfg.num_experts} experts do not split over {size} ranks")
+        per = self.cfg.num_experts // size
+        self.experts.keep(slice(rank * per, (rank + 1) * per))
+        self.ep_group, self.ep_rank, self.ep_size = group, rank, size
+
+    def sharded_parameters(self) -> dict[str, nn.Parameter]:
+        """{name: parameter} of the parameters that differ between the ranks of `ep_group` (this
+        rank's experts); the rest of the layer is replicated."""
+        return {f"experts.{n}": p for n, p in self.experts.named_parameters()}
+
+    def _placed(self, plan: RoutingPlan) -> RoutingPlan:
+        """The plan with the real placement: every token on this rank, experts by owner."""
+        device = plan.probs_TE.device
+        per = self.cfg.num_experts // self.ep_size
+        return dataclasses.replace(
+            plan, token_device_T=torch.full((plan.probs_TE.shape[0],), self.ep_rank, device=device),
+            expert_device_E=torch.arange(self.cfg.num_experts, device=device) // per)
+
+    def _run_experts(self, buf_ECd: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs for a dispatch buffer: here, or on their owners' ranks."""
+        if self.ep_group is None:
+            return self.experts(buf_ECd)
+        E, C, d = buf_ECd.shape
+        P, L = self.ep_size, E // self.ep_size
+        recv_PLCd = all_to_all(buf_ECd.view(P, L, C, d), self.ep_group)  # [s]: rank s's rows
+        out_LPCd = self.experts(recv_PLCd.transpose(0, 1).reshape(L, P * C, d)).view(L, P, C, d)
+        return all_to_all(out_LPCd.transpose(0, 1), self.ep_group).view(E, C, d)
 
     def forward(self, x_BTd: torch.Tensor):
         B, T, d = x_BTd.shape
         x_Td = x_BTd.reshape(B * T, d)
         dropless = self.cfg.capacity_factor <= 0 or (not self.training and self.cfg.eval_dropless)
         plan = self.router(x_Td, dropless=dropless)
+        if self.ep_group is not None:
+            plan = self._placed(plan)
         if not dropless:
             for transform in self.plan_transforms:
                 plan = transform(plan)
+        if self.ep_group is not None:  # one buffer size for the group (more padding, same slots)
+            plan = dataclasses.replace(plan, capacity=max_over(plan.capacity, self.ep_group,
+                                                               x_Td.device))
         dispatch_fn, combine_fn = _dispatch_combine(x_Td, plan)
-        out_ECd = self.experts(dispatch_fn(x_Td))
+        out_ECd = self._run_experts(dispatch_fn(x_Td))
         y_Td = combine_fn(out_ECd)
         if self.plan_transforms and not dropless:  # only a transform marks entries outside the
-            y_Td = y_Td + outside_output(x_Td, plan, self.experts)  # buffer (a host sync to check)
+            y_Td = y_Td + outside_output(x_Td, plan, self.experts,  # buffer (a host sync to check)
+                                         self.first_expert)
         if self.output_bias is not None:
             y_Td = y_Td + self.output_bias
         self.stats = {k: v.detach() for k, v in routing_stats(plan, B * T).items()}

@@ -9,8 +9,10 @@ plan transforms (see minillm/moe.py) rectify this:
   entry is computed outside the capacity buffer. The token's output becomes
   y = (sum_kept p_i E_i(x) + s p_j E_j(x)) / (sum_kept p_i + s p_j), s = k - (kept slots), with the
   denominator detached and clamped. Which tokens count as dropped (lost `all`, `any`, or
-  `all_but_one` of their k slots) is a parameter. On one process, experts are split evenly over
-  `num_devices` virtual devices and tokens likewise (token t lives on device t * G // T). A token
+  `all_but_one` of their k slots) is a parameter. Under expert parallelism (minillm.moe.MoE with
+  an `ep_group`) the plan says where each token and expert lives: its rank. On one process,
+  experts are split evenly over `num_devices` virtual devices and tokens likewise (token t lives
+  on device t * G // T). A token
   whose local experts are all already among its kept ones has no candidate and stays as it was.
   Rectified entries are computed outside the capacity buffer, so capacity does not limit them: an
   expert can receive up to all of its device's dropped tokens on top of its C buffered ones (the
@@ -29,14 +31,15 @@ When no expert overflows and none pads, both transforms leave the plan unchanged
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .moe import DROPPED, OUTSIDE, RoutingPlan, assign_slots
 
 
 def _replace(plan: RoutingPlan, token, expert, slot, weight) -> RoutingPlan:
-    return RoutingPlan(token, expert, slot, weight, plan.probs_TE, plan.logits_TE, plan.capacity,
-                       plan.num_experts, plan.top_k, plan.weight_norm_T)
+    return dataclasses.replace(plan, token=token, expert=expert, slot=slot, weight=weight)
 
 
 class IntraGPURectification:
@@ -52,11 +55,22 @@ class IntraGPURectification:
         return {"num_devices": self.num_devices, "dropped_when": self.dropped_when,
                 "eps": self.eps, "max_per_expert": self.max_per_expert}
 
-    def __call__(self, plan: RoutingPlan) -> RoutingPlan:
+    def devices(self, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(device of each token (T,), device of each expert (E,)): the plan's real placement
+        under expert parallelism, else `num_devices` virtual devices, each holding E / G experts
+        and a contiguous run of T / G tokens."""
+        if plan.token_device_T is not None:
+            return plan.token_device_T, plan.expert_device_E
         T, E = plan.probs_TE.shape
-        k, G = plan.top_k, self.num_devices
+        G, device = self.num_devices, plan.probs_TE.device
         if E % G:
             raise ValueError(f"{E} experts do not split over {G} devices")
+        return torch.arange(T, device=device) * G // T, torch.arange(E, device=device) // (E // G)
+
+    def __call__(self, plan: RoutingPlan) -> RoutingPlan:
+        T, E = plan.probs_TE.shape
+        k = plan.top_k
+        token_device_T, expert_device_E = self.devices(plan)
         first = slice(0, T * k)  # the router's own entries
         kept_TK = (plan.slot[first] >= 0).view(k, T).t()
         n_kept_T = kept_TK.sum(-1)
@@ -66,9 +80,7 @@ class IntraGPURectification:
             return plan
         tokens = torch.nonzero(rectify_T).squeeze(-1)
         # best expert on the token's own device
-        device_T = torch.arange(T, device=tokens.device) * G // T
-        per = E // G
-        local_mask_TE = (torch.arange(E, device=tokens.device)[None, :] // per) == device_T[:, None]
+        local_mask_TE = expert_device_E[None, :] == token_device_T[:, None]
         # ... excluding experts the token already kept a slot on (they would add nothing new)
         expert_TK = plan.expert[first].view(k, T).t()
         kept_TE = torch.zeros(T, E, dtype=torch.bool, device=tokens.device)

@@ -1,102 +1,128 @@
-"""torchrun worker: an expert-parallel MoE over 2 gloo ranks equals the single-process MoE.
+"""torchrun worker: the MoE layer sharded over 2 gloo ranks (expert parallelism) equals one process
+holding every expert, in which each rank's tokens are routed as a group of their own (capacity over
+that group; Intra-GPU Rectification told the group lives on that rank's device).
 
-Checks outputs and gradients (tokens, router, experts) in three cases: random routing with
-overflow, uneven splits, and routing that sends every token to rank 0's experts (rank 1 receives
-nothing); then the data-parallel reduction (`allreduce_gradients`) against the single-process
-data-parallel reference, whose loss is the mean over ranks; then a checkpoint saved with two ranks
-loads into one process. Prints OK on success."""
+Cases: overflow and padding with no transform, with Intra-GPU, Fill-in and both (expert biases and
+an output bias on); uneven token counts; all tokens sent to rank 0's experts; dropless routing with
+different loads per rank; evaluation. Checked each time: outputs, auxiliary losses, and the
+gradients of the tokens, the router, the output bias and every expert. Then the gradient reduction
+and global norm against the reference's mean loss, and checkpoints under global expert indices.
+Prints OK on success."""
 
+import dataclasses
 import os
-import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from minillm.expert_parallel import ExpertParallelMoE
+from minillm.expert_parallel import (gather_experts, global_grad_norm, reduce_expert_gradients,
+                                     shard_experts, sharded_parameters)
 from minillm.moe import MoE, MoEConfig
+from minillm.rectify_router import FillInRectification, IntraGPURectification
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ["MINILLM_DIST_TIMEOUT_S"])))
 rank, world = dist.get_rank(), dist.get_world_size()
-out_dir = sys.argv[1]
+d, E = 8, 4
 
 
-def check(case: str, T: int, skew: bool):
+def on_device(r):
+    """Reference transform: the group's tokens live on device r (experts E/world per device)."""
+    def place(plan):
+        T = plan.probs_TE.shape[0]
+        return dataclasses.replace(plan, token_device_T=torch.full((T,), r),
+                                   expert_device_E=torch.arange(E) // (E // world))
+    return place
+
+
+def check(case, T_of_rank, transforms=(), skew=False, training=True, **cfg_kw):
     torch.manual_seed(0)
-    d, cfg = 12, MoEConfig(num_experts=4, top_k=2, expert_hidden=16, capacity_factor=1.0, min_capacity=1)
+    cfg = MoEConfig(**{**dict(num_experts=E, top_k=2, expert_hidden=6, capacity_factor=1.0,
+                              min_capacity=1), **cfg_kw})
     ref = MoE(d, cfg)
-    x_all = torch.randn(world, T, d)
-    g_all = torch.randn(world, T, d)
+    ref.output_bias = torch.nn.Parameter(torch.randn(d))
+    xs = [torch.randn(1, T, d) for T in T_of_rank]
+    gs = [torch.randn(1, T, d) for T in T_of_rank]
     if skew:  # every token prefers experts 0 and 1, which live on rank 0
         with torch.no_grad():
             ref.router.gate.weight.zero_()
             ref.router.gate.weight[:, 0] = torch.tensor([5.0, 4.0, -5.0, -5.0])
-        x_all[..., 0] = 1.0
-    ep = ExpertParallelMoE(d, cfg)
-    ep.load_full_state_dict(ref.state_dict())
-    x = x_all[rank:rank + 1].clone().requires_grad_(True)
-    y, _ = ep(x)
-    (y * g_all[rank:rank + 1]).sum().backward()
+        for x in xs:
+            x[..., 0] = 1.0
+    ep = MoE(d, cfg, plan_transforms=list(transforms))
+    ep.output_bias = torch.nn.Parameter(torch.zeros(d))
+    ep.load_state_dict(ref.state_dict())
+    ep.shard_experts(dist.group.WORLD)
+    ep.train(training), ref.train(training)
 
-    ys = [torch.empty_like(y) for _ in range(world)]
-    dist.all_gather(ys, y.detach())
-    gxs = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(gxs, x.grad)
-    router_grad = ep.router.gate.weight.grad.clone()
-    dist.all_reduce(router_grad)  # the router is replicated: its gradient sums over ranks
-    expert_grads = {}
-    for name, p in ep.experts.named_parameters():
-        parts = [torch.empty_like(p.grad) for _ in range(world)]
-        dist.all_gather(parts, p.grad)
-        expert_grads[name] = torch.cat(parts)
+    x = xs[rank].clone().requires_grad_(True)
+    y, aux = ep(x)
+    ((y * gs[rank]).sum() + sum(aux.values())).backward()
 
-    # reference: each rank's tokens routed with their own capacity, all experts in one process
-    xr = x_all.clone().requires_grad_(True)
+    xr = [x.clone().requires_grad_(True) for x in xs]
     total = 0
     for r in range(world):
-        yr, _ = ref(xr[r:r + 1])
-        torch.testing.assert_close(ys[r], yr.detach(), msg=f"{case}: output of rank {r}")
-        total = total + (yr * g_all[r:r + 1]).sum()
+        ref.plan_transforms = [on_device(r), *transforms]
+        yr, aux_r = ref(xr[r])
+        total = total + (yr * gs[r]).sum() + sum(aux_r.values())
+        if r == rank:
+            torch.testing.assert_close(y, yr, msg=f"{case}: output")
+            for name in aux_r:
+                torch.testing.assert_close(aux[name], aux_r[name], msg=f"{case}: {name}")
     total.backward()
-    torch.testing.assert_close(torch.cat(gxs), xr.grad, msg=f"{case}: token gradients")
-    torch.testing.assert_close(router_grad, ref.router.gate.weight.grad, msg=f"{case}: router gradient")
-    for name, p in ref.experts.named_parameters():
-        torch.testing.assert_close(expert_grads[name], p.grad, msg=f"{case}: {name}")
-    if skew:
-        assert ep.stats["tokens_per_expert"].sum() > 0
-    return ep, ref
+    torch.testing.assert_close(x.grad, xr[rank].grad, msg=f"{case}: token gradients")
+    for name, p in ep.named_parameters():  # replicated: each rank's share sums to the reference
+        if not name.startswith("experts."):
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            torch.testing.assert_close(g, ref.get_parameter(name).grad, msg=f"{case}: {name}")
+    grads = {n: p.grad for n, p in ep.sharded_parameters().items()}
+    full = gather_experts(grads, set(grads), dist.group.WORLD)
+    for name, g in full.items():
+        torch.testing.assert_close(g, ref.get_parameter(name).grad, msg=f"{case}: {name}")
+    return ep, ref, y
 
 
-check("overflow", T=24, skew=False)
-check("uneven", T=7, skew=False)
-ep, ref = check("rank 1 receives nothing", T=10, skew=True)
+intra, fill = IntraGPURectification(num_devices=world, dropped_when="any"), FillInRectification()
+_, _, plain = check("no transform", [24, 24], bias=True)
+for name, transforms in (("intra", [intra]), ("fill", [fill]), ("intra + fill", [intra, fill])):
+    _, _, y = check(name, [24, 24], transforms, bias=True)
+    changed = torch.tensor(float(not torch.allclose(y, plain)))
+    dist.all_reduce(changed)
+    assert changed > 0, f"{name}: the transform changed nothing; the case does not test it"
+check("uneven", [7, 10], [intra, fill])
+ep, ref, _ = check("rank 1 receives nothing", [10, 10], [intra], skew=True)
+assert ep.stats["tokens_per_expert"][2:].sum() == 0  # no buffered row for rank 1's experts
+check("dropless, loads differ", [9, 5], capacity_factor=0.0)
+check("evaluation", [6, 11], [intra, fill], training=False)
 
-# data-parallel reduction against the single-process data-parallel reference: the gradient of the
-# loss averaged over ranks (each rank's tokens routed as their own group), router and experts alike
-from minillm.expert_parallel import allreduce_gradients  # noqa: E402
+# data-parallel reduction: every gradient that of the mean loss over ranks, the norm global
+ep, ref, _ = check("reduction", [12, 12], [intra, fill])
+replicated = [p for n, p in ep.named_parameters() if not n.startswith("experts.")]
+for p in replicated:  # what DDP does for replicated parameters
+    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+reduce_expert_gradients(list(ep.sharded_parameters().values()), world, None)
+norm = global_grad_norm(replicated, list(ep.sharded_parameters().values()), dist.group.WORLD,
+                        torch.device("cpu"))
+expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() / world for p in ref.parameters()]))
+torch.testing.assert_close(norm, expected)
+grads = {n: p.grad for n, p in ep.sharded_parameters().items()}
+for name, g in gather_experts(grads, set(grads), dist.group.WORLD).items():
+    torch.testing.assert_close(g, ref.get_parameter(name).grad / world, msg=f"reduced {name}")
 
-allreduce_gradients(ep)
-router_ratio = ep.router.gate.weight.grad.norm() / (ref.router.gate.weight.grad / world).norm()
-torch.testing.assert_close(ep.router.gate.weight.grad, ref.router.gate.weight.grad / world)
-for n, p in ep.experts.named_parameters():
-    parts = [torch.empty_like(p.grad) for _ in range(world)]
-    dist.all_gather(parts, p.grad)
-    expected = dict(ref.experts.named_parameters())[n].grad / world
-    torch.testing.assert_close(torch.cat(parts), expected, msg=f"data-parallel {n}")
-    if rank == 0:
-        print(f"{n}: {float(torch.cat(parts).norm() / expected.norm()):.3f}x the reference")
-if rank == 0:
-    print(f"router: {float(router_ratio):.3f}x the reference")
-
-# a checkpoint written with two ranks loads into one process, experts under their global index
-state = ep.full_state_dict()
-if rank == 0:
-    torch.save(state, f"{out_dir}/moe.pt")
-dist.barrier()
-single = MoE(12, ref.cfg)
-single.load_state_dict(torch.load(f"{out_dir}/moe.pt", weights_only=True))
+# checkpoints: the gathered state is the single-process layer's; its shard loads back
+names = {f"ffn.{n}" for n in ep.sharded_parameters()}
+holder = torch.nn.Module()
+holder.ffn = ep
+assert set(sharded_parameters(holder)) == names
+state = gather_experts(holder.state_dict(), names, dist.group.WORLD)
 for name, t in ref.state_dict().items():
-    assert torch.equal(single.state_dict()[name], t), name
+    assert torch.equal(state[f"ffn.{name}"], t), name
+again = MoE(d, ref.cfg, ep_group=dist.group.WORLD)
+again.output_bias = torch.nn.Parameter(torch.zeros(d))
+again.load_state_dict(shard_experts(ref.state_dict(), {n[4:] for n in names}, rank, world))
+for name, t in again.state_dict().items():
+    assert torch.equal(t, ep.state_dict()[name]), name
 dist.barrier()
 dist.destroy_process_group()
 if rank == 0:
