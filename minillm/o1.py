@@ -1,0 +1,523 @@
+"""The o1 roadmap, part 1: policy initialisation, reward models and search (Zeng et al. 2024,
+"Scaling of Search and Learning: a Roadmap to Reproduce o1").
+
+On the verifiable arithmetic task of `minillm.tasks` (worked column solutions, one step a line):
+
+- Policy initialisation (`train_policy`): a BPE tokenizer for the task, a tiny GPT pretrained on
+  worked problems (loss on every token), then supervised fine-tuning on (question, solution) pairs
+  (loss on the solution only, `minillm.sft` packing through `Trainer(data_source=...)`). Each stage
+  checkpoints and resumes; a finished policy is saved once and reused (`policy.pt`).
+- Rewards. The outcome checker `tasks.check` labels training data and measures pass@N only: search
+  never reads it (a search that did would be pass@N). `RewardModel` is a copy of the policy with a
+  linear head on the final hidden state of a chain's last token (read by a forward hook on the
+  final norm), giving P(correct). Trained on outcome labels at the last step it is the outcome
+  reward model (ORM); trained on Monte-Carlo step values (`mc_step_values`: the fraction of
+  rollouts from a step that end correct, Wang et al. 2024 "Math-Shepherd") at every step it is the
+  process reward model (PRM). `shaped_rewards` turns step values into potential-shaped step rewards
+  r'_t = r_t + gamma Phi(s_t) - Phi(s_{t-1}) (Ng et al. 1999), for learning (part 2).
+- Search, each on one question within a `TokenBudget` of generated tokens counted from the
+  backend's `Completion.completion_tokens`: `greedy`, `sample_chains` then `majority_vote` or
+  `best_of_n` (ORM), `beam_search` (step-level, PRM-guided, Snell et al. 2024), `mcts` (UCT
+  selection, expansion of sampled steps, PRM or rollout evaluation, backup). The budget rule is the
+  same for all: a generation starts only if the budget covers its worst case (every prompt using its
+  `max_new_tokens`), so no method ever spends more than its budget.
+
+Search code takes any `LanguageModel` (`LocalLM`, `OpenAIClient`, a scripted fake) and any `Scorer`
+(an object with `score(prompts, texts) -> list[float]`, higher is better): a trained reward model,
+or an oracle in tests. `prompts` are `tasks.prompt(problem)`; `texts` are chains (or prefixes of
+chains) in canonical form, one step a line, each line ending in a newline (`chain_text`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .distributed import setup as setup_device
+from .errors import UserError
+from .generate import Completion, LanguageModel, LocalLM
+from .model import GPT, ModelConfig, load_model, load_torch_file, save_model
+from .sft import PackedLoader, encode_example
+from .tasks import ANSWER_RE, Arithmetic, Problem, check, extract_answer, prompt, split_steps
+from .tokenizer import Tokenizer, train_bpe, tokenizer_from_dict
+from .train import TrainConfig, Trainer, checkpoints, save_checkpoint
+
+# Every digit its own pre-token (a leading space kept with it), so a number is its digits and a
+# column step reads the digits it adds; words and punctuation merge freely.
+ARITHMETIC_PATTERN = r" ?\p{N}| ?[^\s\p{N}]+|\s+"
+
+
+def chain_text(steps: Sequence[str]) -> str:
+    """The canonical text of a chain or of a prefix of one: each step on its own line."""
+    return "".join(s + "\n" for s in steps)
+
+
+def canonical(text: str) -> str:
+    """A generated solution in canonical form: its steps up to the answer line (`split_steps`)."""
+    return chain_text(split_steps(text))
+
+
+def is_final(step: str) -> bool:
+    """Whether a step is an answer line (the chain ends there)."""
+    return ANSWER_RE.match(step) is not None
+
+
+def arithmetic_tokenizer() -> Tokenizer:
+    """A byte-level BPE tokenizer for the task (both operations), deterministic: trained on a fixed
+    set of worked problems until no pair repeats (about 280 ids)."""
+    texts = []
+    for level in (1, 2, 3, 4):
+        for p in Arithmetic(ops="+-").problems(level, 30, seed=0):
+            texts.append(prompt(p) + p.solution)
+    return train_bpe(texts, vocab_size=512, pattern=ARITHMETIC_PATTERN, name="arithmetic")
+
+
+def task_problems(task: Arithmetic, level: int, n: int, split: str, seed: int) -> list[Problem]:
+    """Up to `n` problems of `level` from `split`: all of them where the level has fewer (1 digit:
+    about 50 per operation)."""
+    if level <= 2:
+        low = 0 if level == 1 else 10 ** (level - 1)
+        available = sum(1 for op in task.ops for a in range(low, 10 ** level)
+                        for b in range(low, (a + 1 if op == "-" else 10 ** level))
+                        if task.split_of(a, op, b) == split)
+        n = min(n, available)
+    return task.problems(level, n, split, seed)
+
+
+# --- policy initialisation ------------------------------------------------------------------------
+
+@dataclass
+class PolicyConfig:
+    """The tiny policy: its task, its size and its two training stages."""
+    levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    ops: str = "+"
+    problems_per_level: int = 3000
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 128
+    pretrain_steps: int = 200
+    sft_steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    seed: int = 0
+    device: str = "cpu"
+
+
+class Policy(NamedTuple):
+    """A trained policy: `model, tokenizer = train_policy(...)`, or `.model` / `.tokenizer`."""
+    model: GPT
+    tokenizer: Tokenizer
+
+    def lm(self, batch_size: int = 64) -> LocalLM:
+        return LocalLM(self.model, self.tokenizer, batch_size=batch_size)
+
+
+def train_stage(examples: Sequence[tuple[str, str]], tokenizer: Tokenizer, out_dir: str | Path,
+                steps: int, *, init_from: str | Path | None = None, n_layer: int = 2,
+                n_head: int = 4, n_embd: int = 64, block_size: int = 128, batch_size: int = 16,
+                lr: float = 3e-3, seed: int = 0, device: str = "cpu",
+                attend_across: bool = False, log_interval: int | None = None) -> GPT:
+    """Train on (prompt, response) examples (loss on responses; an empty prompt: on everything)
+    with the trainer and a packed data source, from `init_from` (a model file) or a fresh tiny GPT
+    of the given sizes. Checkpoints in `out_dir`: a killed stage resumes exactly where it was, and a
+    finished one (`out_dir/model.pt`) is loaded instead of trained again."""
+    out_dir = Path(out_dir)
+    final = out_dir / "model.pt"
+    if final.is_file():
+        return load_model(final, device=device)[0].eval()
+    encoded = [encode_example(tokenizer, p, r) for p, r in examples]
+    dist = setup_device(device)
+    loader = PackedLoader(encoded, block_size=block_size, batch_size=batch_size,
+                          pad_id=tokenizer.eot_id, seed=seed, attend_across=attend_across,
+                          device=dist.device)
+    resume = bool(checkpoints(out_dir))
+    cfg = TrainConfig(out_dir=str(out_dir), preset="tiny-gpt",
+                      init_from=str(init_from) if init_from else None,
+                      n_layer=None if init_from else n_layer, n_head=None if init_from else n_head,
+                      n_embd=None if init_from else n_embd, block_size=block_size,
+                      batch_size=batch_size, max_steps=steps, lr=lr,
+                      warmup_steps=min(20, steps // 10), eval_interval=0,
+                      ckpt_interval=max(steps // 4, 1), log_interval=log_interval or steps,
+                      seed=seed, device=device, resume=resume, overwrite=not resume,
+                      progress=False)
+    trainer = Trainer(cfg, dist, data_source=loader, tokenizer=tokenizer)
+    trainer.train()
+    save_model(final, trainer.model, tokenizer)
+    return trainer.model.eval()
+
+
+def policy_problems(cfg: PolicyConfig, split: str = "train", seed: int | None = None
+                    ) -> list[Problem]:
+    task = Arithmetic(ops=cfg.ops)
+    seed = cfg.seed if seed is None else seed
+    return [p for level in cfg.levels
+            for p in task_problems(task, level, cfg.problems_per_level, split, seed)]
+
+
+def train_policy(cfg: PolicyConfig, out_dir: str | Path) -> Policy:
+    """Pretraining on worked problems (every token), then SFT on (question, solution) of the train
+    split of `cfg.levels`. `out_dir/policy.pt` holds the result and its settings: a second call with
+    the same settings loads it, with other settings it is refused (use another `out_dir`)."""
+    out_dir = Path(out_dir)
+    path = out_dir / "policy.pt"
+    if path.is_file():
+        model, tok, extra = load_model(path, device=cfg.device)
+        if extra.get("policy_config") != asdict(cfg):
+            raise UserError(f"{path} holds a policy trained with other settings "
+                            f"({extra.get('policy_config')}); pass another out dir or delete it")
+        return Policy(model.eval(), tok)
+    if any(not 1 <= level <= 9 for level in cfg.levels) or not cfg.levels:
+        raise UserError(f"policy levels {cfg.levels}: expected digits per operand in 1-9")
+    tok = arithmetic_tokenizer()
+    sizes = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                 block_size=cfg.block_size, batch_size=cfg.batch_size, lr=cfg.lr, device=cfg.device)
+    init = None
+    if cfg.pretrain_steps:
+        docs = [("", prompt(p) + p.solution) for p in policy_problems(cfg, seed=cfg.seed + 1)]
+        train_stage(docs, tok, out_dir / "pretrain", cfg.pretrain_steps, attend_across=True,
+                    seed=cfg.seed, **sizes)
+        init = out_dir / "pretrain" / "model.pt"
+    pairs = [(prompt(p), p.solution) for p in policy_problems(cfg)]
+    model = train_stage(pairs, tok, out_dir / "sft", cfg.sft_steps, init_from=init,
+                        seed=cfg.seed, **sizes)
+    save_model(path, model, tok, extra={"policy_config": asdict(cfg)})
+    return Policy(model.eval(), tok)
+
+
+def sample(lm: LanguageModel, problems: Sequence[Problem], n: int, temperature: float = 1.0,
+           max_new_tokens: int = 64, seed: int = 0) -> list[list[Completion]]:
+    """`n` chains of every problem (completions of `prompt(problem)`), from one batched call."""
+    flat = lm.generate([prompt(p) for p in problems for _ in range(n)],
+                       max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return [flat[i * n:(i + 1) * n] for i in range(len(problems))]
+
+
+# --- rewards --------------------------------------------------------------------------------------
+
+class Scorer(Protocol):
+    """What search needs from a reward: a score per (problem, chain or prefix of a chain), higher
+    is better. `OutcomeRewardModel`, `ProcessRewardModel` and `OracleScorer` are scorers."""
+
+    def score(self, problems: list[Problem], texts: list[str]) -> list[float]: ...
+
+
+class OracleScorer:
+    """An oracle process reward, for tests and ceilings: 1 while every step of the text equals the
+    reference solution's (a complete chain: when its answer is right), else 0."""
+
+    def score(self, problems, texts):
+        out = []
+        for problem, text in zip(problems, texts):
+            steps = split_steps(text)
+            if steps and is_final(steps[-1]):
+                out.append(float(check(problem, text)))
+            else:
+                out.append(float(steps == list(problem.steps[:len(steps)])))
+        return out
+
+
+def mc_step_values(lm: LanguageModel, problems: Sequence[Problem], chains: Sequence[Sequence[str]],
+                   rollouts: int, max_new_tokens: int, temperature: float = 1.0, seed: int = 0
+                   ) -> tuple[list[list[float]], int]:
+    """Monte-Carlo value of every step of every chain: the fraction of `rollouts` completions
+    sampled from the chain's prefix up to and including that step whose answer the checker accepts.
+    An answer line is its own value (1 if right, 0 if wrong): nothing follows it. One batched call
+    generates all rollouts. Returns (values per chain, generated tokens)."""
+    requests = []  # (chain index, step index, prefix text)
+    values = [[0.0] * len(steps) for steps in chains]
+    for i, (problem, steps) in enumerate(zip(problems, chains)):
+        for t, step in enumerate(steps):
+            prefix = chain_text(steps[:t + 1])
+            if is_final(step):
+                values[i][t] = float(check(problem, prefix))
+            else:
+                requests.append((i, t, prefix))
+    if not requests:
+        return values, 0
+    completions = lm.generate([prompt(problems[i]) + prefix
+                               for i, _, prefix in requests for _ in range(rollouts)],
+                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    for r, (i, t, prefix) in enumerate(requests):
+        outs = completions[r * rollouts:(r + 1) * rollouts]
+        values[i][t] = sum(check(problems[i], prefix + c) for c in outs) / rollouts
+    return values, sum(c.completion_tokens or 0 for c in completions)
+
+
+def shaped_rewards(values: Sequence[float], outcome: float, initial: float, gamma: float = 1.0
+                   ) -> list[float]:
+    """Potential-based shaping of a chain's step rewards (Ng et al. 1999): the outcome reward comes
+    at the last step (r_T = outcome, r_t = 0 before), the potential Phi is the value of the state
+    after each step (`values`, Phi(s_0) = `initial`), and the last state is terminal (Phi = 0):
+    r'_t = r_t + gamma Phi(s_t) - Phi(s_{t-1}). Optimal policies are unchanged; with gamma = 1 the
+    rewards sum to outcome - initial, so a search ranking prefixes by their summed shaped rewards
+    ranks them as by their value Phi: shaping matters to learning (part 2), not to search."""
+    phi = [initial, *values[:-1], 0.0]
+    return [(outcome if t == len(values) else 0.0) + gamma * phi[t] - phi[t - 1]
+            for t in range(1, len(values) + 1)]
+
+
+class RewardModel(nn.Module):
+    """P(correct) of a chain or a prefix of one: a GPT backbone (a copy of the policy) read at the
+    last token of prompt + text, a linear head, a sigmoid. The two kinds differ in their training
+    data only: `OutcomeRewardModel` learns outcome labels at a chain's last step,
+    `ProcessRewardModel` Monte-Carlo step values at every step."""
+
+    kind = "reward"
+
+    def __init__(self, backbone: GPT, tokenizer: Tokenizer):
+        super().__init__()
+        self.backbone, self.tokenizer = backbone, tokenizer
+        self.head = nn.Linear(backbone.config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)  # starts at P = 0.5 everywhere
+        nn.init.zeros_(self.head.bias)
+
+    def hidden_states(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, d): the output of the backbone's final norm, by a hook."""
+        captured = {}
+        handle = self.backbone.norm_f.register_forward_hook(
+            lambda module, inputs, output: captured.__setitem__("h_BTd", output))
+        try:
+            self.backbone(ids_BT)
+        finally:
+            handle.remove()
+        return captured["h_BTd"]
+
+    def logits(self, ids_BT: torch.Tensor, positions_BK: torch.Tensor) -> torch.Tensor:
+        """Head logits (B, K) read at `positions_BK` (indices into T)."""
+        h_BTd = self.hidden_states(ids_BT)
+        index = positions_BK[..., None].expand(-1, -1, h_BTd.shape[-1])
+        return self.head(h_BTd.gather(1, index).float()).squeeze(-1)
+
+    def encode(self, problem: Problem, steps: Sequence[str]) -> tuple[list[int], list[int]]:
+        """(ids of prompt + chain, position of the last token of the prompt and of every step)."""
+        ids = self.tokenizer.encode_ordinary(prompt(problem))
+        ends = [len(ids) - 1]
+        for step in steps:  # the pre-tokenizer splits at newlines, so pieces encode independently
+            ids = ids + self.tokenizer.encode_ordinary(step + "\n")
+            ends.append(len(ids) - 1)
+        return ids, ends
+
+    def _batch(self, encoded: Sequence[tuple[list[int], list[int]]]):
+        device = self.head.weight.device
+        T = max(len(ids) for ids, _ in encoded)
+        K = max(len(ends) for _, ends in encoded)
+        if self.backbone.wpe is not None and T > self.backbone.config.block_size:
+            raise UserError(f"a chain of {T} tokens is longer than the reward model's "
+                            f"{self.backbone.config.block_size} positions")
+        ids_BT = torch.full((len(encoded), T), self.tokenizer.eot_id, dtype=torch.long)
+        pos_BK = torch.zeros((len(encoded), K), dtype=torch.long)
+        for b, (ids, ends) in enumerate(encoded):  # right padding: causal attention ignores it
+            ids_BT[b, :len(ids)] = torch.tensor(ids)
+            pos_BK[b, :len(ends)] = torch.tensor(ends)
+        return ids_BT.to(device), pos_BK.to(device)
+
+    @torch.no_grad()
+    def values(self, problems: Sequence[Problem], chains: Sequence[Sequence[str]],
+               batch_size: int = 64) -> list[list[float]]:
+        """[P(correct) after the prompt alone, after step 1, ..., after the last step] of each
+        chain (a list of steps)."""
+        was_training = self.training
+        self.eval()
+        out = []
+        for start in range(0, len(problems), batch_size):
+            encoded = [self.encode(p, steps) for p, steps in
+                       zip(problems[start:start + batch_size], chains[start:start + batch_size])]
+            probs_BK = torch.sigmoid(self.logits(*self._batch(encoded))).tolist()
+            out += [row[:len(ends)] for row, (_, ends) in zip(probs_BK, encoded)]
+        self.train(was_training)
+        return out
+
+    def score(self, problems: list[Problem], texts: list[str]) -> list[float]:
+        """P(correct) after the last step of each text (the `Scorer` interface)."""
+        return [v[-1] for v in self.values(problems, [split_steps(t) for t in texts])]
+
+    def save(self, path: str | Path) -> None:
+        save_checkpoint(Path(path), {
+            "format": "minillm.o1.reward_model", "kind": self.kind,
+            "config": self.backbone.describe().to_dict(), "tokenizer": self.tokenizer.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in self.state_dict().items()}})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu"):
+        """A reward model written by `save`, as the class it was saved from."""
+        blob = load_torch_file(path, expected="a reward model (RewardModel.save)")
+        if not isinstance(blob, dict) or blob.get("format") != "minillm.o1.reward_model":
+            raise UserError(f"{path}: not a reward model written by RewardModel.save")
+        kinds = {"orm": OutcomeRewardModel, "prm": ProcessRewardModel}
+        if cls is not RewardModel and kinds.get(blob["kind"]) is not cls:
+            raise UserError(f"{path} holds a reward model of kind {blob['kind']!r}, not {cls.kind!r}")
+        rm = kinds[blob["kind"]](GPT(ModelConfig(**blob["config"])),
+                                 tokenizer_from_dict(blob["tokenizer"]))
+        rm.load_state_dict(blob["model"])
+        return rm.to(device).eval()
+
+
+class OutcomeRewardModel(RewardModel):
+    """The ORM: P(a complete chain's answer is right), trained on chains the checker labelled."""
+    kind = "orm"
+
+
+class ProcessRewardModel(RewardModel):
+    """The PRM: P(ending correct from a prefix), trained on Monte-Carlo step values."""
+    kind = "prm"
+
+    def score_steps(self, problem: Problem, steps: list[str]) -> list[float]:
+        """One value per step prefix: after step 1, ..., after the last step."""
+        return self.values([problem], [steps])[0][1:]
+
+
+@dataclass
+class RewardExample:
+    """One chain with a target in [0, 1] at some of its steps (None: no target at that step)."""
+    problem: Problem
+    steps: list[str]
+    targets: list[float | None]
+
+
+def outcome_examples(problems: Sequence[Problem], completions: Sequence[Sequence[str]]
+                     ) -> list[RewardExample]:
+    """ORM data: every sampled chain, labelled by the checker at its last step."""
+    out = []
+    for problem, texts in zip(problems, completions):
+        for text in texts:
+            steps = split_steps(text)
+            if steps:
+                out.append(RewardExample(problem, steps,
+                                         [None] * (len(steps) - 1) + [float(check(problem, text))]))
+    return out
+
+
+def process_examples(lm: LanguageModel, problems: Sequence[Problem],
+                     completions: Sequence[Sequence[str]], rollouts: int, max_new_tokens: int,
+                     temperature: float = 1.0, seed: int = 0) -> tuple[list[RewardExample], int]:
+    """PRM data: every sampled chain with its Monte-Carlo step values (`mc_step_values`) as targets
+    at every step. Returns (examples, tokens the rollouts generated)."""
+    flat_problems, chains = [], []
+    for problem, texts in zip(problems, completions):
+        for text in texts:
+            steps = split_steps(text)
+            if steps:
+                flat_problems.append(problem)
+                chains.append(steps)
+    values, tokens = mc_step_values(lm, flat_problems, chains, rollouts, max_new_tokens,
+                                    temperature, seed)
+    return [RewardExample(p, c, list(v)) for p, c, v in zip(flat_problems, chains, values)], tokens
+
+
+def train_reward_model(cls: type[RewardModel], policy: GPT, tokenizer: Tokenizer,
+                       examples: Sequence[RewardExample], steps: int, batch_size: int = 32,
+                       lr: float = 1e-3, seed: int = 0,
+                       log: Callable[[str], None] | None = print) -> RewardModel:
+    """A reward model of class `cls` initialised from a copy of `policy`, trained by binary
+    cross-entropy on the examples' soft targets (every labelled step of a batch weighs the same),
+    AdamW at a constant learning rate after a linear warmup. Deterministic given `seed`."""
+    if not examples:
+        raise UserError("no examples to train a reward model on")
+    torch.manual_seed(seed)
+    rm = cls(copy.deepcopy(policy).float(), tokenizer).to(policy.wte.weight.device)
+    rm.train()
+    encoded = [rm.encode(e.problem, e.steps) for e in examples]
+    targets = [[float("nan")] + [float("nan") if t is None else t for t in e.targets]
+               for e in examples]  # no target after the prompt alone
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    order: list[int] = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / max(steps // 10, 1))
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        rows, order = order[:batch_size], order[batch_size:]
+        ids_BT, pos_BK = rm._batch([encoded[i] for i in rows])
+        K = pos_BK.shape[1]
+        target_BK = torch.tensor([targets[i] + [float("nan")] * (K - len(targets[i])) for i in rows],
+                                 device=ids_BT.device)
+        labelled_BK = ~target_BK.isnan()
+        logits_BK = rm.logits(ids_BT, pos_BK)
+        loss = F.binary_cross_entropy_with_logits(logits_BK[labelled_BK], target_BK[labelled_BK])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+        optimizer.step()
+        if log and (step + 1) % max(steps // 4, 1) == 0:
+            log(f"{cls.kind} step {step + 1}/{steps}: loss {loss.item():.4f}")
+    return rm.eval()
+
+
+def train_orm(policy: GPT, tokenizer: Tokenizer, problems: Sequence[Problem],
+              completions: Sequence[Sequence[str]], steps: int, **kwargs) -> OutcomeRewardModel:
+    """The ORM on sampled chains labelled by the checker (`outcome_examples`)."""
+    return train_reward_model(OutcomeRewardModel, policy, tokenizer,
+                              outcome_examples(problems, completions), steps, **kwargs)
+
+
+def train_prm(policy: GPT, tokenizer: Tokenizer, examples: Sequence[RewardExample], steps: int,
+              **kwargs) -> ProcessRewardModel:
+    """The PRM on chains with Monte-Carlo step values (`process_examples`)."""
+    return train_reward_model(ProcessRewardModel, policy, tokenizer, examples, steps, **kwargs)
+
+
+# --- token budgets --------------------------------------------------------------------------------
+
+class BudgetExceeded(RuntimeError):
+    """A generation was asked for that the budget cannot cover (a bug in the search calling it)."""
+
+
+class TokenBudget:
+    """The generated tokens one question may spend, counted from `Completion.completion_tokens`.
+
+    `affordable(max_new_tokens)` is how many generations of at most `max_new_tokens` tokens each
+    the rest of the budget covers; `generate` refuses (BudgetExceeded) a call whose worst case the
+    budget does not cover, so `spent <= limit` always. Prompt tokens are counted beside, not
+    charged: a server with prefix caching does not recompute them."""
+
+    def __init__(self, lm: LanguageModel, limit: int):
+        self.lm, self.limit = lm, limit
+        self.spent = self.prompt_tokens = self.calls = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.limit - self.spent
+
+    def affordable(self, max_new_tokens: int) -> int:
+        return max(self.remaining, 0) // max(max_new_tokens, 1)
+
+    def generate(self, prompts: list[str], max_new_tokens: int, **kwargs) -> list[Completion]:
+        if len(prompts) * max_new_tokens > self.remaining:
+            raise BudgetExceeded(f"{len(prompts)} generations of up to {max_new_tokens} tokens "
+                                 f"exceed the {self.remaining} tokens left")
+        out = self.lm.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
+        for c in out:
+            if getattr(c, "completion_tokens", None) is None:
+                raise UserError("the backend reports no completion token counts, which token "
+                                "budgets need")
+            self.spent += c.completion_tokens
+            self.prompt_tokens += c.prompt_tokens or 0
+        self.calls += 1
+        return out
+
+
+@dataclass
+class SearchResult:
+    """What a search chose (`text`, canonical, and its `answer`, None if it has none), the chains it
+    finished (`candidates`) and what it spent."""
+    text: str
+    answer: str | None
+    tokens: int
+    prompt_tokens: int
+    candidates: list[str] = field(default_factory=list)
+
+
+def _result(text: str, budget: TokenBudget, candidates: list[str]) -> SearchResult:
+    return SearchResult(text, extract_answer(text), budget.spent, budget.prompt_tokens, candidates)
