@@ -521,3 +521,223 @@ class SearchResult:
 
 def _result(text: str, budget: TokenBudget, candidates: list[str]) -> SearchResult:
     return SearchResult(text, extract_answer(text), budget.spent, budget.prompt_tokens, candidates)
+
+
+# --- search ---------------------------------------------------------------------------------------
+
+def _seeds(seed: int):
+    rng = random.Random(seed)
+    while True:
+        yield rng.randrange(2 ** 31)
+
+
+def _extend(text: str, completion: str) -> tuple[str, bool]:
+    """A prefix extended by one generated step (a completion cut before its newline), and whether
+    the chain ends there: at an answer line, or where the policy stopped without writing a step."""
+    line = completion.strip().split("\n")[0].strip()
+    if not line:
+        return text, True
+    return text + line + "\n", is_final(line)
+
+
+def greedy(lm: LanguageModel, problem: Problem, limit: int, max_new_tokens: int) -> SearchResult:
+    """One chain at temperature 0."""
+    budget = TokenBudget(lm, limit)
+    if not budget.affordable(max_new_tokens):
+        return _result("", budget, [])
+    text = canonical(budget.generate([prompt(problem)], max_new_tokens, temperature=0.0)[0])
+    return _result(text, budget, [text])
+
+
+def sample_chains(budget: TokenBudget, problem: Problem, max_new_tokens: int,
+                  temperature: float = 1.0, seed: int = 0, wave: int = 64) -> list[str]:
+    """Sampled chains (canonical) until the budget cannot cover another one: waves of as many as it
+    covers (at most `wave`), each chain up to `max_new_tokens` tokens. A chain that ends early
+    leaves its unspent tokens to later waves."""
+    chains, seeds = [], _seeds(seed)
+    while n := min(budget.affordable(max_new_tokens), wave):
+        out = budget.generate([prompt(problem)] * n, max_new_tokens, temperature=temperature,
+                              seed=next(seeds))
+        chains += [canonical(c) for c in out]
+    return chains
+
+
+def majority_vote(chains: Sequence[str]) -> str | None:
+    """The chain whose answer is the most common among those with one (ties: the answer seen
+    first); None when no chain has an answer."""
+    answers = [extract_answer(c) for c in chains]
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    winner = next(a for a in answers if a is not None and counts[a] == top)
+    return chains[answers.index(winner)]
+
+
+def best_of_n(chains: Sequence[str], problem: Problem, scorer: Scorer) -> str | None:
+    """The chain the scorer (the ORM, never the checker) ranks highest (ties: the first)."""
+    if not chains:
+        return None
+    scores = scorer.score([problem] * len(chains), list(chains))
+    return chains[max(range(len(chains)), key=lambda i: (scores[i], -i))]
+
+
+def majority(lm: LanguageModel, problem: Problem, limit: int, max_new_tokens: int,
+             temperature: float = 1.0, seed: int = 0) -> SearchResult:
+    """Majority voting (self-consistency) over the chains sampled within the budget."""
+    budget = TokenBudget(lm, limit)
+    chains = sample_chains(budget, problem, max_new_tokens, temperature, seed)
+    return _result(majority_vote(chains) or "", budget, chains)
+
+
+def orm_best_of_n(lm: LanguageModel, scorer: Scorer, problem: Problem, limit: int,
+                  max_new_tokens: int, temperature: float = 1.0, seed: int = 0) -> SearchResult:
+    """Best-of-N: the sampled chain the outcome reward model scores highest."""
+    budget = TokenBudget(lm, limit)
+    chains = sample_chains(budget, problem, max_new_tokens, temperature, seed)
+    return _result(best_of_n(chains, problem, scorer) or "", budget, chains)
+
+
+def beam_search(lm: LanguageModel, scorer: Scorer, problem: Problem, limit: int, width: int,
+                expand: int, step_tokens: int, max_steps: int = 16, temperature: float = 1.0,
+                seed: int = 0) -> SearchResult:
+    """Step-level beam search guided by a process reward (Snell et al. 2024): every open beam
+    samples `expand` next steps (as many as the budget covers, dealt to the beams in turn), the
+    scorer rates each extended prefix, the `width` best candidates survive; a survivor that ends
+    (an answer line) is set aside as finished and no longer takes a beam slot. Stops when no beam
+    is open or the budget cannot cover one more step; answers with the best-scored finished chain
+    (or, if none finished, the best open prefix)."""
+    budget, seeds, q = TokenBudget(lm, limit), _seeds(seed), prompt(problem)
+    beams: list[str] = [""]
+    scored: list[tuple[float, str]] = []
+    finished: list[tuple[float, str]] = []
+    for _ in range(max_steps):
+        n = min(len(beams) * expand, budget.affordable(step_tokens))
+        if n == 0:
+            break
+        parents = [beams[i % len(beams)] for i in range(n)]
+        out = budget.generate([q + p for p in parents], step_tokens, temperature=temperature,
+                              stop=["\n"], seed=next(seeds))
+        candidates = {}  # extended text -> ended; identical extensions are one candidate
+        for parent, completion in zip(parents, out):
+            text, ended = _extend(parent, completion)
+            candidates[text] = candidates.get(text, False) or ended
+        texts = list(candidates)
+        scores = scorer.score([problem] * len(texts), texts)
+        ranked = sorted(zip(scores, texts), key=lambda st: -st[0])[:width]
+        beams, scored = [], ranked
+        for score, text in ranked:
+            (finished.append((score, text)) if candidates[text] else beams.append(text))
+        if not beams:
+            break
+    pool = finished or scored
+    best = max(pool, key=lambda st: st[0])[1] if pool else ""
+    return _result(best, budget, [t for _, t in finished])
+
+
+@dataclass(eq=False)
+class Node:
+    """A node of the search tree: a prefix of a chain (`text`, canonical) and its statistics."""
+    text: str
+    parent: "Node | None" = None
+    children: list["Node"] = field(default_factory=list)
+    visits: int = 0
+    value_sum: float = 0.0
+    terminal: bool = False  # the chain ends here
+    closed: bool = False  # terminal, or every child closed: nothing left to search below
+
+    @property
+    def value(self) -> float:
+        return self.value_sum / self.visits if self.visits else 0.0
+
+
+def uct(child: Node, parent_visits: int, c: float) -> float:
+    """UCT (Kocsis & Szepesvari 2006): mean value + c sqrt(ln N(parent) / N(child)); an unvisited
+    child comes first."""
+    if child.visits == 0:
+        return math.inf
+    return child.value + c * math.sqrt(math.log(parent_visits) / child.visits)
+
+
+def select(root: Node, c: float) -> Node:
+    """From the root, the open child of highest UCT (ties: the first) until a node without
+    children."""
+    node = root
+    while node.children:
+        node = max((ch for ch in node.children if not ch.closed),
+                   key=lambda ch: uct(ch, node.visits, c))
+    return node
+
+
+def backup(node: Node, value: float) -> None:
+    """One evaluation of `node`: it and every ancestor count a visit and add the value."""
+    while node is not None:
+        node.visits += 1
+        node.value_sum += value
+        node = node.parent
+
+
+def close(node: Node) -> None:
+    """Mark a node closed, and every ancestor whose children are now all closed."""
+    node.closed = True
+    while node.parent is not None and all(ch.closed for ch in node.parent.children):
+        node = node.parent
+        node.closed = True
+
+
+def mcts(lm: LanguageModel, scorer: Scorer, problem: Problem, limit: int, children: int,
+         step_tokens: int, c_uct: float = 1.0, evaluation: str = "prm",
+         rollout_tokens: int = 0, max_depth: int = 16, temperature: float = 1.0,
+         seed: int = 0) -> SearchResult:
+    """Monte-Carlo tree search over steps. Each iteration: selection (UCT from the root down to a
+    node without children), expansion (sample `children` next steps of it; identical ones are one
+    child), evaluation of every new child (`"prm"`: the scorer's value of its prefix; `"rollout"`:
+    the scorer's value of a chain sampled on from it, up to `rollout_tokens` tokens), backup of each
+    value to the root. A child that ends the chain is closed (never selected again). Stops when the
+    budget cannot cover an expansion (with its rollouts) or the whole tree is closed; answers with
+    the best-scored complete chain seen (ended children and rollouts), else the most visited path."""
+    if evaluation not in ("prm", "rollout"):
+        raise UserError(f"MCTS evaluation {evaluation!r}: expected prm or rollout")
+    budget, seeds, q = TokenBudget(lm, limit), _seeds(seed), prompt(problem)
+    root = Node("")
+    complete: list[tuple[float, str]] = []
+    cost = step_tokens + (rollout_tokens if evaluation == "rollout" else 0)
+    while not root.closed:
+        leaf = select(root, c_uct)
+        k = min(children, budget.affordable(cost))
+        if k == 0:
+            break
+        out = budget.generate([q + leaf.text] * k, step_tokens, temperature=temperature,
+                              stop=["\n"], seed=next(seeds))
+        new: dict[str, Node] = {}
+        depth = len(split_steps(leaf.text)) + 1
+        for completion in out:
+            text, ended = _extend(leaf.text, completion)
+            if text not in new:
+                new[text] = Node(text, leaf, terminal=ended or depth >= max_depth)
+        nodes = list(new.values())
+        texts = [n.text for n in nodes]
+        if evaluation == "rollout":
+            open_nodes = [i for i, n in enumerate(nodes) if not n.terminal]
+            if open_nodes:
+                rolled = budget.generate([q + texts[i] for i in open_nodes], rollout_tokens,
+                                         temperature=temperature, seed=next(seeds))
+                for i, r in zip(open_nodes, rolled):
+                    texts[i] = canonical(texts[i] + r)
+        values = scorer.score([problem] * len(nodes), texts)
+        for node, text, value in zip(nodes, texts, values):
+            leaf.children.append(node)
+            backup(node, value)
+            if node.terminal or evaluation == "rollout":
+                complete.append((value, text))
+        for node in nodes:
+            if node.terminal:
+                close(node)
+    if complete:
+        best = max(complete, key=lambda vt: vt[0])[1]
+    else:
+        node = root
+        while node.children:
+            node = max(node.children, key=lambda ch: ch.visits)
+        best = node.text
+    return _result(best, budget, [t for _, t in complete])

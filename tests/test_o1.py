@@ -13,21 +13,29 @@ from minillm.tasks import make_problem, prompt
 
 
 class ScriptedLM:
-    """A `LanguageModel` that answers each prompt from a script: `script[prompt]` is a list of
-    completions handed out in turn (cycling). A completion costs one token per character; stop
-    strings cut it as a backend does. Every call is recorded."""
+    """A `LanguageModel` that follows a script: `script[text]` lists what may follow `text`, handed
+    out in turn (cycling). A generation takes the next option of its prompt, then goes on from
+    prompt + what it has so far while the script knows that text (so a scripted tree of steps is
+    also a policy that writes whole chains). A character costs one token; a stop string cuts the
+    completion as a backend does. Every call is recorded."""
 
     def __init__(self, script):
         self.script, self.turn, self.calls = script, {}, []
+
+    def _next(self, context):
+        options = self.script[context]
+        turn = self.turn.get(context, 0)
+        self.turn[context] = turn + 1
+        return options[turn % len(options)]
 
     def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None,
                  stop=(), seed=None):
         self.calls.append((list(prompts), max_new_tokens, tuple(stop)))
         out = []
         for p in prompts:
-            options = self.script[p]
-            text = options[self.turn.get(p, 0) % len(options)]
-            self.turn[p] = self.turn.get(p, 0) + 1
+            text = self._next(p)
+            while p + text in self.script and not any(s in text for s in stop):
+                text += self._next(p + text)
             cut = min((text.find(s) + len(s) for s in stop if s in text), default=len(text))
             used = min(cut, max_new_tokens)
             kept = text[:used]
@@ -202,3 +210,130 @@ def test_a_killed_policy_stage_resumes_exactly_and_a_trained_policy_is_reused(tm
     lm = reused.lm()
     out = o1.sample(lm, [P, make_problem(3, "+", 4)], n=3, max_new_tokens=8, seed=1)
     assert [len(x) for x in out] == [3, 3] and all(c.completion_tokens <= 8 for x in out for c in x)
+
+
+# --- search ----------------------------------------------------------------------------------------
+
+def test_uct_prefers_unvisited_then_trades_value_for_exploration_and_backup_reaches_the_root():
+    root = o1.Node("", visits=11, value_sum=10.4)
+    a = o1.Node("a\n", root, visits=1, value_sum=0.9)
+    b = o1.Node("b\n", root, visits=10, value_sum=9.5)
+    root.children = [a, b]
+    assert o1.uct(a, 11, 1.0) == pytest.approx(0.9 + math.sqrt(math.log(11) / 1))
+    assert o1.uct(b, 11, 1.0) == pytest.approx(0.95 + math.sqrt(math.log(11) / 10))
+    assert o1.select(root, c=1.0) is a  # 2.45 beats 1.44: the little-visited child is explored
+    assert o1.select(root, c=0.0) is b  # no exploration: the higher mean
+    c = o1.Node("c\n", root)
+    root.children.append(c)
+    assert o1.uct(c, 11, 1.0) == math.inf and o1.select(root, c=0.0) is c
+    # two levels down: backup adds one visit and the value to the node and every ancestor
+    d = o1.Node("c\nd\n", c)
+    c.children = [d]
+    o1.backup(d, 0.25)
+    assert (d.visits, d.value_sum, c.visits, c.value_sum) == (1, 0.25, 1, 0.25)
+    assert (root.visits, root.value_sum) == (12, pytest.approx(10.65))
+    assert o1.select(root, c=0.0) is b  # c's mean is now 0.25
+    # a closed node is never selected, and selection descends to a node without children
+    o1.close(a), o1.close(b)
+    assert not root.closed and o1.select(root, c=0.0) is d
+    o1.close(d)  # closing the last open child closes its parent, up to the root
+    assert c.closed and root.closed
+
+
+def arithmetic_tree():
+    """A scripted policy on 47+35: at every step the right step is one option among wrong ones."""
+    r1, r2 = o1.chain_text([S1]), o1.chain_text([S1, S2])
+    w1 = o1.chain_text([WRONG1])
+    w2 = o1.chain_text([S1, "4+3+1=9, write 9 carry 0"])
+    return ScriptedLM({
+        Q: [f"{WRONG1}\n", f"{S1}\n", "7+5+0=11, write 1 carry 1\n"],
+        Q + r1: ["4+3+1=9, write 9 carry 0\n", f"{S2}\n"],
+        Q + r2: ["A: 81\n", "A: 82\n"],
+        Q + w1: ["4+3+1=8, write 8 carry 0\n"], Q + w1 + "4+3+1=8, write 8 carry 0\n": ["A: 83\n"],
+        Q + "7+5+0=11, write 1 carry 1\n": ["A: 11\n"],
+        Q + w2: ["A: 92\n"],
+    })
+
+
+def test_beam_search_with_an_oracle_prm_finds_the_correct_chain():
+    greedy = o1.greedy(arithmetic_tree(), P, limit=1000, max_new_tokens=90)
+    assert greedy.answer == "83"  # the first option at every step is wrong
+    lm = arithmetic_tree()
+    result = o1.beam_search(lm, o1.OracleScorer(), P, limit=1000, width=1, expand=3,
+                            step_tokens=40)
+    assert result.text == P.solution and result.answer == "82"
+    # three rounds: 3 first steps, 3 seconds of the survivor, 3 answers; each a call of 3
+    assert [len(prompts) for prompts, _, stop in lm.calls] == [3, 3, 3]
+    assert all(stop == ("\n",) for _, _, stop in lm.calls)
+
+
+def test_mcts_with_an_oracle_prm_finds_the_correct_chain():
+    lm = arithmetic_tree()
+    result = o1.mcts(lm, o1.OracleScorer(), P, limit=1000, children=2, step_tokens=40, c_uct=0.5)
+    assert result.answer == "82" and result.text == P.solution
+    assert "A: 83" not in result.text
+
+
+def test_mcts_rollout_evaluation_scores_sampled_completions():
+    lm = arithmetic_tree()
+    lm.script[Q + o1.chain_text([S1])] = [f"{S2}\n"]  # rollouts from the right first step
+    lm.script[Q + o1.chain_text([S1, S2])] = ["A: 82\n"]
+    result = o1.mcts(lm, o1.OracleScorer(), P, limit=400, children=3, step_tokens=40,
+                     evaluation="rollout", rollout_tokens=80)
+    assert result.answer == "82" and P.solution in result.candidates
+
+
+class CountingLM(ScriptedLM):
+    """Counts every generated token, whoever asked for it."""
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.tokens = 0
+
+    def generate(self, prompts, max_new_tokens=128, **kw):
+        out = super().generate(prompts, max_new_tokens, **kw)
+        self.tokens += sum(c.completion_tokens for c in out)
+        return out
+
+
+@pytest.mark.parametrize("limit", [0, 30, 95, 400])
+def test_every_search_stays_within_its_token_budget(limit):
+    def make():
+        lm = arithmetic_tree()
+        counting = CountingLM(lm.script)
+        return counting
+
+    runs = {
+        "greedy": lambda lm: o1.greedy(lm, P, limit, max_new_tokens=90),
+        "majority": lambda lm: o1.majority(lm, P, limit, max_new_tokens=90),
+        "best-of-n": lambda lm: o1.orm_best_of_n(lm, o1.OracleScorer(), P, limit, 90),
+        "beam": lambda lm: o1.beam_search(lm, o1.OracleScorer(), P, limit, 2, 2, step_tokens=30),
+        "mcts": lambda lm: o1.mcts(lm, o1.OracleScorer(), P, limit, 3, step_tokens=30),
+        "mcts-rollout": lambda lm: o1.mcts(lm, o1.OracleScorer(), P, limit, 2, step_tokens=30,
+                                           evaluation="rollout", rollout_tokens=60),
+    }
+    for name, run in runs.items():
+        lm = make()
+        result = run(lm)
+        assert result.tokens == lm.tokens <= limit, name
+        # each stopped because the next generation's worst case no longer fitted (or it was done)
+        if limit == 0:
+            assert lm.calls == [] and result.answer is None
+    lm = make()
+    chains = o1.sample_chains(o1.TokenBudget(lm, 400), P, max_new_tokens=90)
+    # a sampled chain here costs 27-31 tokens, so waves go on while 90 more tokens fit: 400 // 90
+    # = 4 chains first, then as many as the rest covers
+    assert len(chains) > 4 and lm.tokens <= 400 and 400 - lm.tokens < 90
+
+
+def test_majority_vote_and_best_of_n_select_as_defined():
+    chains = ["x\nA: 5\n", "y\nA: 7\n", "no answer\n", "z\nA: 7\n"]
+    assert o1.majority_vote(chains) == "y\nA: 7\n"
+    assert o1.majority_vote(["x\nA: 5\n", "y\nA: 7\n"]) == "x\nA: 5\n"  # a tie: seen first
+    assert o1.majority_vote(["no answer\n"]) is None
+
+    class Length:
+        def score(self, problems, texts):
+            return [float(len(t)) for t in texts]
+
+    assert o1.best_of_n(chains, P, Length()) == "no answer\n"
