@@ -127,12 +127,30 @@ def gather_experts(tensors: dict, names: set[str], group) -> dict:
     global index, on the CPU. Collective: every rank of the group calls it with the same names."""
     size = dist.get_world_size(group)
     out = dict(tensors)
-    for name in [n for n in tensors if n in names]:  # the same order on every rank
+    for name in sorted(names & tensors.keys()):  # the same order on every rank
         t = tensors[name].contiguous()
         parts = [torch.empty_like(t) for _ in range(size)]
         dist.all_gather(parts, t, group=group)
         out[name] = torch.cat(parts).cpu()
     return out
+
+
+def gather_optimizer_experts(state: dict, names: set[str], group) -> dict:
+    """An optimizer's per-parameter state ({name: {"exp_avg": ..., "step": ...}}) with the
+    moments of the parameters in `names` gathered as `gather_experts` does (0-dim entries such as
+    the step count are the same on every rank and stay). Collective."""
+    out = dict(state)
+    for name in sorted(names & state.keys()):
+        moments = {k for k, v in state[name].items() if torch.is_tensor(v) and v.dim() > 0}
+        out[name] = gather_experts(state[name], moments, group)
+    return out
+
+
+def shard_optimizer_experts(state: dict, names: set[str], rank: int, size: int) -> dict:
+    """The inverse of `gather_optimizer_experts` for one rank."""
+    return {name: (shard_experts(s, {k for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0},
+                                 rank, size) if name in names else s)
+            for name, s in state.items()}
 
 
 def shard_experts(tensors: dict, names: set[str], rank: int, size: int) -> dict:

@@ -34,6 +34,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from . import expert_parallel
 from .data import DataError, MixtureLoader, TokenDataset, TokenLoader, eval_batches, parse_domains
 from .distributed import DistInfo
 from .errors import UserError
@@ -112,6 +113,9 @@ class TrainConfig:
         "help": "Rectify-Router plan transforms: intra and / or fill (scripts/pretrain.py)"})
     moe_devices: int = field(default=1, metadata={
         "help": "devices Intra-GPU Rectification assumes the experts are spread over"})
+    expert_parallel: int = field(default=1, metadata={
+        "help": "under torchrun: shard every MoE layer's experts over groups of N ranks (the "
+                "groups data-parallel); 1: every rank holds every expert"})
     max_skipped_steps: int = field(default=10, metadata={
         "help": "steps with a non-finite loss or gradient norm that are skipped (no update) before "
                 "the run stops; 0 stops at the first"})
@@ -160,6 +164,19 @@ class TrainConfig:
         if self.moe_experts and self.moe_experts % self.moe_devices:
             raise UserError(f"--moe-experts {self.moe_experts} do not split over --moe-devices "
                             f"{self.moe_devices}")
+        if self.expert_parallel < 1:
+            raise UserError(f"--expert-parallel must be at least 1, got {self.expert_parallel}")
+        if self.expert_parallel > 1:
+            if self.fsdp:
+                raise UserError("--fsdp with --expert-parallel: FSDP together with expert "
+                                "parallelism is not supported yet; drop --fsdp (DDP is used)")
+            if self.moe_experts % self.expert_parallel:
+                raise UserError(f"--moe-experts {self.moe_experts} do not split over "
+                                f"--expert-parallel {self.expert_parallel} ranks")
+            if self.moe_devices not in (1, self.expert_parallel):
+                raise UserError(f"--moe-devices {self.moe_devices} contradicts --expert-parallel "
+                                f"{self.expert_parallel}: under expert parallelism the experts' "
+                                "devices are the ranks; drop --moe-devices")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other: pass one of them")
         if not self.data:
@@ -176,7 +193,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "out_dir", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction",
     "weight_decay", "beta1", "beta2", "grad_clip", "log_interval", "eval_interval", "eval_batches",
     "ckpt_interval", "keep_checkpoints", "resume", "overwrite", "device", "compile", "fsdp",
-    "activation_checkpointing", "max_skipped_steps", "progress"})
+    "activation_checkpointing", "max_skipped_steps", "progress", "expert_parallel"})
 
 
 def resume_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
@@ -360,6 +377,7 @@ class Trainer:
             self.model = model_transform(self.model).to(self.device)
         if dist.rank:  # identical weights above; from here each rank draws its own noise (dropout)
             torch.manual_seed(cfg.seed + dist.rank)
+        self._shard_experts()  # sets self.sharded ({name: expert parameter}; empty without EP)
         self.model.activation_checkpointing = cfg.activation_checkpointing
         if cfg.fsdp:
             # Shard every block, then the root (embeddings, final norm, head): each block's
@@ -379,6 +397,10 @@ class Trainer:
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
         if dist.enabled and not cfg.fsdp:
+            # sharded experts differ between ranks: DDP must neither broadcast nor average them
+            sharded = {id(p) for p in self.sharded.values()}
+            DDP._set_params_and_buffers_to_ignore_for_model(
+                self.wrapped, [n for n, p in self.wrapped.named_parameters() if id(p) in sharded])
             self.wrapped = DDP(self.wrapped, device_ids=[dist.local_rank] if self.device.type == "cuda"
                                else None)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -400,6 +422,30 @@ class Trainer:
                             expert_hidden=cfg.moe_expert_hidden or model_cfg.ffn_hidden,
                             activation=model_cfg.activation, capacity_factor=cfg.moe_capacity_factor)
         moefy_layers(self.model, moe_cfg, layers, plan_transforms=list(plan_transforms or []))
+
+    def _shard_experts(self) -> None:
+        """Expert parallelism (--expert-parallel N): every MoE layer keeps this rank's share of its
+        experts, sharded over groups of N consecutive ranks; ranks r, r + N, ... hold the same
+        experts and average their gradients (`expert_parallel.reduce_expert_gradients`)."""
+        self.sharded: dict = {}
+        self.ep_group = self.expert_dp_group = None
+        N = self.cfg.expert_parallel
+        if N == 1:
+            return
+        if self.dist.world_size % N or self.dist.world_size < N:
+            raise UserError(f"--expert-parallel {N}: the {self.dist.world_size} process(es) do not "
+                            f"split into groups of {N} (launch with torchrun --nproc_per_node)")
+        layers = [b.ffn for b in self.model.blocks if isinstance(b.ffn, MoE)]
+        if not layers:
+            raise UserError(f"--expert-parallel {N}: the model has no MoE layer (pass --moe-experts)")
+        for moe in layers:
+            if moe.cfg.num_experts % N:
+                raise UserError(f"--expert-parallel {N}: an MoE layer has {moe.cfg.num_experts} "
+                                "experts, which do not split over the group")
+        self.ep_group, self.expert_dp_group = expert_parallel.make_groups(N)
+        for moe in layers:
+            moe.shard_experts(self.ep_group)
+        self.sharded = expert_parallel.sharded_parameters(self.model)
 
     def _load_initial_model(self, source: str) -> GPT:
         """Weights to continue from; the data must have been tokenized with the model's tokenizer."""
@@ -474,10 +520,18 @@ class Trainer:
         """The full training state. Under FSDP this is a collective: every rank must call it;
         the full tensors end up on rank 0 (on the CPU)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if self.sharded:  # every rank keeps its own experts until they are gathered
+            options = StateDictOptions(full_state_dict=True)
+        model = get_model_state_dict(self.model, options=options)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        if self.sharded:  # checkpoints hold experts under their global index, whatever the layout
+            names = set(self.sharded)
+            model = expert_parallel.gather_experts(model, names, self.ep_group)
+            optimizer["state"] = expert_parallel.gather_optimizer_experts(
+                optimizer["state"], names, self.ep_group)
         state = {"format": CHECKPOINT_FORMAT, "step": self.step,
                  "skipped_steps": int(self.skipped_steps),
-                 "model": get_model_state_dict(self.model, options=options),
-                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
+                 "model": model, "optimizer": optimizer,
                  "loader": self._per_rank(self.loader.state_dict()),
                  "rng": self._per_rank(torch.get_rng_state()),
                  "train_config": dataclasses.asdict(self.cfg),
@@ -592,8 +646,15 @@ class Trainer:
 
     def _load_state(self, path: Path, state: dict) -> None:
         options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, state["model"], options=options)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        model, optimizer = state["model"], state["optimizer"]
+        if self.sharded:  # this rank's share of the experts, from their global indices
+            names = set(self.sharded)
+            rank, size = torch_dist.get_rank(self.ep_group), self.cfg.expert_parallel
+            model = expert_parallel.shard_experts(model, names, rank, size)
+            optimizer = {**optimizer, "state": expert_parallel.shard_optimizer_experts(
+                optimizer["state"], names, rank, size)}
+        set_model_state_dict(self.model, model, options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=options)
         for group in self.optimizer.param_groups:  # settings changed on resume take effect
             if not group.get("own_lr"):
                 group["betas"] = (self.cfg.beta1, self.cfg.beta2)
@@ -688,8 +749,18 @@ class Trainer:
         return self.wrapped.no_sync()
 
     def _clip_gradients(self) -> torch.Tensor:
-        """The global gradient norm (before clipping), as a device tensor; clips to `grad_clip`."""
+        """The global gradient norm (before clipping), as a device tensor; clips to `grad_clip`.
+        Under expert parallelism the norm counts every rank's experts, so that every rank clips
+        by the same factor and replicated weights stay identical."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.sharded:
+            sharded = {id(p) for p in self.sharded.values()}
+            norm = expert_parallel.global_grad_norm(
+                [p for p in params if id(p) not in sharded],
+                [p for p in params if id(p) in sharded], self.ep_group, self.device)
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
+            return norm.float()
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
@@ -725,6 +796,9 @@ class Trainer:
             raise UserError("swapping modules between steps (SSD's dense <-> sparse switch) is not "
                             "supported under FSDP (--fsdp): the shards would have to be rebuilt; "
                             "run with DDP")
+        if self.sharded:
+            raise UserError("swapping modules between steps (SSD's dense <-> sparse switch) is not "
+                            "supported with --expert-parallel: run without it")
         old_state = self.optimizer.state
         carried = {}
         for path, (module, carry) in swaps.items():
@@ -809,6 +883,9 @@ class Trainer:
                 loss += out.loss.detach().float() / self.accum
                 for name, value in out.aux_losses.items():
                     aux[name] = aux.get(name, 0.0) + value.detach().float() / self.accum
+            if self.sharded:  # DDP left the experts alone: average them over their own replicas
+                expert_parallel.reduce_expert_gradients(self.sharded.values(), self.dist.world_size,
+                                                        self.expert_dp_group)
             grad_norm = self._clip_gradients()
             if self.dist.enabled:
                 torch_dist.all_reduce(loss, op=torch_dist.ReduceOp.AVG)

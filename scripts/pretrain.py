@@ -6,6 +6,8 @@
         --batch-size 16 --grad-accum 32 --data data/web --out-dir out/gpt2
     python scripts/pretrain.py --out-dir out/gpt2 --resume true     # continue the latest checkpoint
     python scripts/pretrain.py --moe-experts 8 --moe-top-k 1 --moe-rectify intra fill  # an MoE model
+    torchrun --nproc_per_node=8 scripts/pretrain.py --moe-experts 8 --expert-parallel 4  # experts
+        # sharded over groups of 4 ranks, 2 such groups data-parallel
 
 Every field of minillm.train.TrainConfig is a flag (see --help). `--resume true` continues with the
 settings saved in the checkpoint: flags given with it override them where that is safe (such as
@@ -25,8 +27,11 @@ from minillm.train import TrainConfig, Trainer, resume_config  # noqa: E402
 
 
 def plan_transforms(cfg: TrainConfig) -> list:
-    """--moe-rectify names as Rectify-Router plan transforms, Intra-GPU first (as in the paper)."""
-    made = {"intra": lambda: IntraGPURectification(num_devices=cfg.moe_devices),
+    """--moe-rectify names as Rectify-Router plan transforms, Intra-GPU first (as in the paper).
+    Under --expert-parallel N, Intra-GPU uses the real ranks; its recorded device count is N (what
+    a single process loading the checkpoint simulates)."""
+    devices = cfg.expert_parallel if cfg.expert_parallel > 1 else cfg.moe_devices
+    made = {"intra": lambda: IntraGPURectification(num_devices=devices),
             "fill": lambda: FillInRectification()}
     return [made[name]() for name in ("intra", "fill") if name in cfg.moe_rectify]
 
