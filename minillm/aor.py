@@ -21,8 +21,7 @@ while its choice is unclear:
 Defaults: the argparse defaults of the authors' code (github.com/yinzhangyue/AoR, `code/aor.py`):
 `--initial-sample-size 20`, `--max-sample-size 40`, `--additional-sample-size 5`, `--batch-size 5`
 (chains per local-scoring prompt), `--representative-count 3`, `--scoring-threshold 6` and
-`--termination-threshold 2`, on scores out of 10 as their prompts ask for. METHODS.md section 6
-states the same numbers.
+`--termination-threshold 2`, on scores out of 10 as their prompts ask for.
 
 Choices of ours, where the paper and its code are silent or do otherwise:
 - A chain without a well-formed answer line joins no bucket (it still counts as a sample drawn).
@@ -138,7 +137,8 @@ class NoisyOracleJudge:
 
 class OutcomeScorer(Protocol):
     def score(self, problems: list[Problem], texts: list[str]) -> list[float]:
-        """Probability that each text (a solution of its problem) reaches the right answer."""
+        """Probability that each text, a solution of its problem, reaches the right answer
+        (`minillm.o1.OutcomeRewardModel` is one)."""
 
 
 class ORMJudge:
@@ -230,7 +230,7 @@ class LLMJudge:
         self.missing_score = missing_score
         self.stats = {"prompts": 0, "chains": 0, "unparsed": 0, "completion_tokens": 0}
 
-    def prompt(self, problem: Problem, chains: Sequence[str], stage: str) -> str:
+    def make_prompt(self, problem: Problem, chains: Sequence[str], stage: str) -> str:
         if stage not in ("local", "global"):
             raise ValueError(f"stage {stage!r}: expected 'local' or 'global'")
         parts = []
@@ -243,7 +243,7 @@ class LLMJudge:
     def score(self, problem, chains, stage):
         if not chains:
             return []
-        out = self.lm.generate([self.prompt(problem, chains, stage)],
+        out = self.lm.generate([self.make_prompt(problem, chains, stage)],
                                max_new_tokens=self.max_new_tokens, temperature=self.temperature)[0]
         parsed = parse_scores(out, len(chains))
         self.stats["prompts"] += 1

@@ -1,4 +1,7 @@
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -6,10 +9,13 @@ from hypothesis import strategies as st
 
 from minillm.aor import (AoRConfig, ConstantJudge, LLMJudge, NoisyOracleJudge, ORMJudge, aggregate,
                          bucket_by_answer, majority_vote, parse_scores, pool_sampler)
+from minillm.cli import parse_config
+from minillm.errors import run_main
 from minillm.generate import Completion
 from minillm.tasks import Arithmetic, check, make_problem
 
 PROBLEM = make_problem(478, "+", 356)  # 834
+OTHER = make_problem(1, "+", 2)
 
 
 def chain(answer: str | None, tag: str = "") -> str:
@@ -239,7 +245,7 @@ class ScriptedORM:
 def test_orm_judge_scales_probabilities_to_ten_and_scores_each_chain_once():
     orm = ScriptedORM()
     judge = ORMJudge(orm)
-    other = make_problem(1, "+", 2)
+    other = OTHER
     judge.prefetch([PROBLEM, other], [[PROBLEM.solution, "A: 1\n"], [other.solution]])
     assert judge.score(PROBLEM, ["A: 1\n", PROBLEM.solution], "global") == [2.0, 9.0]
     assert judge.score(other, [other.solution, "A: 4\n"], "local") == [9.0, 2.0]
@@ -288,7 +294,7 @@ def test_llm_judge_prompts_and_reads_scores():
     assert glob.index("A: 835") < glob.index("# Solution 2")
     assert judge.stats == {"prompts": 2, "chains": 4, "unparsed": 1, "completion_tokens": 14}
     with pytest.raises(ValueError):
-        judge.prompt(PROBLEM, [right], "final")
+        judge.make_prompt(PROBLEM, [right], "final")
 
 
 def test_aor_with_an_llm_judge_end_to_end():
@@ -303,3 +309,68 @@ def test_aor_with_an_llm_judge_end_to_end():
                   AoRConfig(initial_samples=4, max_samples=4))
     assert r.answer == "834" and r.scores == {"835": 3.5, "834": 8.5} and r.margin == 5.0
     assert len(lm.prompts) == 4 and lm.answers == []
+
+
+# --- the script at tiny size ---------------------------------------------------------------------
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "aor.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("aor_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_tables_on_scripted_samples(tmp_path, script, capsys):
+    argv = ["--tiny", "--out-dir", str(tmp_path)]
+    cfg = script.resolve(parse_config(script.AoRScriptConfig, argv), argv)
+    pcfg, _, key = script.sample_settings(cfg)
+    problems = Arithmetic(ops=pcfg.ops).problems(cfg.level, cfg.questions, "test", cfg.seed)
+    assert (cfg.questions, cfg.initial_samples, cfg.max_samples, cfg.extra_samples) == (6, 4, 8, 2)
+
+    def chains(p, pattern):  # R: the right solution; 1, 2: wrong answers; N: no answer
+        wrong = {"1": str(int(p.answer) + 1), "2": str(int(p.answer) + 2)}
+        return [p.solution if x == "R" else "no answer\n" if x == "N"
+                else p.solution.replace(f"A: {p.answer}", f"A: {wrong[x]}") for x in pattern]
+
+    patterns = ["RRRRRRRR", "111RRRRR", "1212RR11", "R1R11111", "NNNNNNNN", "11111111"]
+    pools = [chains(p, pat) for p, pat in zip(problems, patterns)]
+    # the samples cache, as the script would have written it: the script reads it and samples none
+    script.write_json(tmp_path / "samples.json", {"key": key, "chains": pools})
+    script.main(argv)
+    out = capsys.readouterr().out
+    assert "sampled" not in out and "AoR dynamic 4-8, oracle 1" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["rows"]
+    kinds = results["questions"]
+    assert [k["minority"] for k in kinds] == [False, True, False, False, False, False]
+    assert [k["outvoted"] for k in kinds] == [False, True, False, True, False, False]
+    vote = rows["majority@4"]["correct"]
+    assert vote == [True, False, False, True, False, False]
+    assert rows["majority@8"]["correct"] == [True, True, False, False, False, False]
+    assert rows["AoR@4, constant"]["correct"] == vote  # the constant judge is voting
+    assert rows["AoR@4, oracle 1"]["correct"] == rows["pass@4 (ceiling)"]["correct"] == \
+        [True, True, False, True, False, False]
+    assert rows["majority@4"]["minority"] == 0.0 and rows["AoR@4, oracle 1"]["minority"] == 1.0
+    dynamic = rows["AoR dynamic 4-8, oracle 1"]
+    # one answer: stop; the oracle leaves one bucket: stop; no right chain among the first 4: two
+    # more (both right) settle it; no answers at all: sample to the maximum
+    assert dynamic["per_question_samples"] == [4, 4, 6, 4, 8, 4]
+    assert dynamic["correct"] == [True, True, True, True, False, False]
+    assert dynamic["samples"] == 30 / 6
+    for name, row in rows.items():
+        assert all(4 <= s <= 8 for s in row["per_question_samples"]), name
+
+
+def test_script_refuses_bad_settings_in_one_line(tmp_path, script, capsys):
+    for flags, message in ((["--questions", "0"], "--questions 0"),
+                           (["--initial-samples", "41"], "initial_samples (41)"),
+                           (["--oracle-accuracy", "1.5"], "--oracle-accuracy 1.5")):
+        with pytest.raises(SystemExit) as e:
+            run_main(script.main, ["--tiny", "--out-dir", str(tmp_path)] + flags)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
