@@ -120,7 +120,9 @@ class Policy(NamedTuple):
     tokenizer: Tokenizer
 
     def lm(self, batch_size: int = 64) -> LocalLM:
-        return LocalLM(self.model, self.tokenizer, batch_size=batch_size)
+        """The policy as a `LanguageModel`. A prompt that does not fit the model's positions (a
+        long garbled chain of an undertrained policy) is cut from the left (`truncated` counts)."""
+        return LocalLM(self.model, self.tokenizer, batch_size=batch_size, truncate_left=True)
 
 
 def train_stage(examples: Sequence[tuple[str, str]], tokenizer: Tokenizer, out_dir: str | Path,
@@ -518,9 +520,9 @@ class SearchResult:
     prompt_tokens: int
     candidates: list[str] = field(default_factory=list)
 
-
-def _result(text: str, budget: TokenBudget, candidates: list[str]) -> SearchResult:
-    return SearchResult(text, extract_answer(text), budget.spent, budget.prompt_tokens, candidates)
+    @classmethod
+    def of(cls, text: str, budget: TokenBudget, candidates: list[str]) -> "SearchResult":
+        return cls(text, extract_answer(text), budget.spent, budget.prompt_tokens, candidates)
 
 
 # --- search ---------------------------------------------------------------------------------------
@@ -544,9 +546,9 @@ def greedy(lm: LanguageModel, problem: Problem, limit: int, max_new_tokens: int)
     """One chain at temperature 0."""
     budget = TokenBudget(lm, limit)
     if not budget.affordable(max_new_tokens):
-        return _result("", budget, [])
+        return SearchResult.of("", budget, [])
     text = canonical(budget.generate([prompt(problem)], max_new_tokens, temperature=0.0)[0])
-    return _result(text, budget, [text])
+    return SearchResult.of(text, budget, [text])
 
 
 def sample_chains(budget: TokenBudget, problem: Problem, max_new_tokens: int,
@@ -587,7 +589,7 @@ def majority(lm: LanguageModel, problem: Problem, limit: int, max_new_tokens: in
     """Majority voting (self-consistency) over the chains sampled within the budget."""
     budget = TokenBudget(lm, limit)
     chains = sample_chains(budget, problem, max_new_tokens, temperature, seed)
-    return _result(majority_vote(chains) or "", budget, chains)
+    return SearchResult.of(majority_vote(chains) or "", budget, chains)
 
 
 def orm_best_of_n(lm: LanguageModel, scorer: Scorer, problem: Problem, limit: int,
@@ -595,7 +597,7 @@ def orm_best_of_n(lm: LanguageModel, scorer: Scorer, problem: Problem, limit: in
     """Best-of-N: the sampled chain the outcome reward model scores highest."""
     budget = TokenBudget(lm, limit)
     chains = sample_chains(budget, problem, max_new_tokens, temperature, seed)
-    return _result(best_of_n(chains, problem, scorer) or "", budget, chains)
+    return SearchResult.of(best_of_n(chains, problem, scorer) or "", budget, chains)
 
 
 def beam_search(lm: LanguageModel, scorer: Scorer, problem: Problem, limit: int, width: int,
@@ -632,7 +634,7 @@ def beam_search(lm: LanguageModel, scorer: Scorer, problem: Problem, limit: int,
             break
     pool = finished or scored
     best = max(pool, key=lambda st: st[0])[1] if pool else ""
-    return _result(best, budget, [t for _, t in finished])
+    return SearchResult.of(best, budget, [t for _, t in finished])
 
 
 @dataclass(eq=False)
@@ -740,4 +742,4 @@ def mcts(lm: LanguageModel, scorer: Scorer, problem: Problem, limit: int, childr
         while node.children:
             node = max(node.children, key=lambda ch: ch.visits)
         best = node.text
-    return _result(best, budget, [t for _, t in complete])
+    return SearchResult.of(best, budget, [t for _, t in complete])

@@ -337,3 +337,44 @@ def test_majority_vote_and_best_of_n_select_as_defined():
             return [float(len(t)) for t in texts]
 
     assert o1.best_of_n(chains, P, Length()) == "no answer\n"
+
+
+# --- the script ------------------------------------------------------------------------------------
+
+def test_the_script_runs_at_a_tiny_size_within_its_budgets_and_reuses_what_it_trained(tmp_path,
+                                                                                      capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from minillm.errors import run_main
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "o1.py"
+    spec = importlib.util.spec_from_file_location("o1_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        script.main(["--tiny", "true", "--out-dir", str(tmp_path)])
+        results = json.loads((tmp_path / "results.json").read_text())
+        cap, accuracy, tokens = results["cap"], results["accuracy"], results["tokens"]
+        assert set(accuracy) == {"greedy", "majority", "orm-best-of-n", "prm-beam", "mcts-prm",
+                                 "pass@n"}
+        for method, per_budget in tokens.items():
+            for n, spent in per_budget.items():
+                assert 0 < spent <= int(n) * cap, (method, n)
+        for n in accuracy["pass@n"]:  # the ceiling of the chains the two selections chose from
+            assert accuracy["majority"][n] <= accuracy["pass@n"][n]
+            assert accuracy["orm-best-of-n"][n] <= accuracy["pass@n"][n]
+        out = capsys.readouterr().out
+        assert "| pass@N (ceiling) |" in out and "| MCTS (PRM evaluation) |" in out
+        # a second run reuses the policy and the reward models
+        script.main(["--tiny", "true", "--out-dir", str(tmp_path)])
+        out = capsys.readouterr().out
+        assert "reusing" in out and "pretraining" in out and "training" not in out.replace(
+            "pretraining", "")
+        with pytest.raises(SystemExit) as e:
+            run_main(script.main, ["--budgets", "0", "--out-dir", str(tmp_path)])
+        assert e.value.code == 2 and "--budgets" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
