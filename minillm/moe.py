@@ -406,14 +406,19 @@ class MoE(nn.Module):
         return y_Td.view(B, T, d), auxiliary_losses(plan, self.cfg) if self.training else {}
 
 
-def moefy_layers(model: nn.Module, cfg: MoEConfig, layers=None, **moe_kwargs) -> nn.Module:
+def replace_ffns_with_moe(model: nn.Module, cfg: MoEConfig, layers=None, **moe_kwargs) -> nn.Module:
     """Replace the FFN of the given layers (default: every other layer, starting at 1) with a freshly
-    initialised `MoE` (for upcycling a trained dense FFN, see minillm/moefy.py)."""
+    initialised `MoE` (random experts; to split a trained dense FFN instead, see minillm/moefy.py).
+    Expert down projections are scaled by 1/sqrt(2 n_layer) like the dense FFN's (GPT-2's residual
+    projections, minillm.model.GPT._init_weights), so that dense and MoE models start alike."""
     d = model.config.n_embd
     layers = range(1, model.config.n_layer, 2) if layers is None else layers
     for i in layers:
         device = next(model.blocks[i].parameters()).device
-        model.blocks[i].ffn = MoE(d, cfg, **moe_kwargs).to(device)
+        moe = MoE(d, cfg, **moe_kwargs).to(device)
+        with torch.no_grad():
+            moe.experts.w_down.mul_(1 / math.sqrt(2 * model.config.n_layer))
+        model.blocks[i].ffn = moe
     return model
 
 

@@ -1,5 +1,6 @@
-"""The training loop: AdamW, warmup + cosine / warmup-stable-decay, accumulation, clipping, DDP,
-exact resume from atomic checkpoints, and callbacks for methods that act between steps.
+"""The training loop: AdamW, warmup + cosine / warmup-stable-decay, accumulation, clipping, DDP
+(with MoE experts optionally sharded over ranks: `--expert-parallel`), exact resume from atomic
+checkpoints, and callbacks for methods that act between steps.
 
 Read `Trainer.train` top to bottom: one step is `grad_accum / world_size` micro-batches per rank
 (so the global batch does not depend on the number of processes), the model's loss plus its
@@ -39,7 +40,7 @@ from .data import DataError, MixtureLoader, TokenDataset, TokenLoader, eval_batc
 from .distributed import DistInfo
 from .errors import UserError
 from .model import GPT, IGNORE_INDEX, ModelConfig, load_model, preset
-from .moe import MoE, MoEConfig, moefy_layers
+from .moe import MoE, MoEConfig, replace_ffns_with_moe
 from .tokenizer import load_tokenizer
 
 CHECKPOINT_FORMAT = "minillm.train"
@@ -421,7 +422,8 @@ class Trainer:
         moe_cfg = MoEConfig(num_experts=cfg.moe_experts, top_k=cfg.moe_top_k,
                             expert_hidden=cfg.moe_expert_hidden or model_cfg.ffn_hidden,
                             activation=model_cfg.activation, capacity_factor=cfg.moe_capacity_factor)
-        moefy_layers(self.model, moe_cfg, layers, plan_transforms=list(plan_transforms or []))
+        replace_ffns_with_moe(self.model, moe_cfg, layers,
+                              plan_transforms=list(plan_transforms or []))
 
     def _shard_experts(self) -> None:
         """Expert parallelism (--expert-parallel N): every MoE layer keeps this rank's share of its

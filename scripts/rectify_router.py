@@ -5,7 +5,7 @@ with Intra-GPU and Fill-in Rectification, same data and budget, over seeds and c
     python scripts/rectify_router.py --seeds 5 --capacity-factors 0.25 0.5 1.0 --max-steps 500
 
 Each run trains a GPT (`--n-layer` blocks, every other FFN an MoE layer of `--num-experts`
-experts; minillm.moe.moefy_layers) for `--max-steps` steps, then evaluates once on the same
+experts; minillm.moe.replace_ffns_with_moe) for `--max-steps` steps, then evaluates once on the same
 validation batches in two ways: dropless (the headline: every token reaches its top-k experts, so
 no variant is favoured by how it handles capacity at test time) and at the training capacity (plan
 transforms on, as the variant would run in production). Dropped and padding shares are averaged
@@ -26,7 +26,7 @@ from minillm import distributed  # noqa: E402
 from minillm.cli import parse_config  # noqa: E402
 from minillm.corpus import stdlib_docstrings  # noqa: E402
 from minillm.data import prepare  # noqa: E402
-from minillm.moe import MoE, MoEConfig, moefy_layers  # noqa: E402
+from minillm.moe import MoE, MoEConfig, replace_ffns_with_moe  # noqa: E402
 from minillm.rectify_router import FillInRectification, IntraGPURectification  # noqa: E402
 from minillm.tokenizer import train_bpe  # noqa: E402
 from minillm.train import TrainConfig, Trainer  # noqa: E402
@@ -118,7 +118,8 @@ def run(cfg: RectifyConfig, dist, variant: str, cf: float, seed: int) -> dict:
                             overwrite=True, progress=False, log_interval=cfg.max_steps)
     stats, evals = RoutingStats(), Evaluations()
     trainer = Trainer(train_cfg, dist, callbacks=[stats, evals],
-                      model_transform=lambda m: moefy_layers(m, moe_cfg, plan_transforms=transforms))
+                      model_transform=lambda m: replace_ffns_with_moe(m, moe_cfg,
+                                                                      plan_transforms=transforms))
     t0 = time.perf_counter()
     trainer.train()  # evaluates once, dropless, at the end
     result = {"variant": variant, "capacity_factor": cf, "seed": seed,

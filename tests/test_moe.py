@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 from minillm.generate import generate_ids
 from minillm.model import GPT, DenseFFN, ModelConfig
 from minillm.moe import (DROPPED, MoE, MoEConfig, RoutingPlan, assign_slots, capacity_for, combine,
-                         dispatch, load_balancing_loss, moefy_layers, plan_from_probs)
+                         dispatch, load_balancing_loss, plan_from_probs, replace_ffns_with_moe)
 from minillm.moefy import balanced_kmeans, merge_moe, moefy_ffn
 
 
@@ -83,7 +83,19 @@ def moe_model(**moe_kw):
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32))
     cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=32, capacity_factor=1.0, **moe_kw)
-    return moefy_layers(model, cfg, layers=[0, 1])
+    return replace_ffns_with_moe(model, cfg, layers=[0, 1])
+
+
+def test_random_experts_start_like_the_dense_ffn_they_replace():
+    """Expert up / down projections get the dense FFN's init, down scaled by 1/sqrt(2 n_layer)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=97, block_size=64, n_layer=8, n_head=2, n_embd=64))
+    dense = model.blocks[1].ffn
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=dense.up.out_features)
+    experts = replace_ffns_with_moe(model, cfg, layers=[1]).blocks[1].ffn.experts
+    for mine, theirs in ((experts.w_up, dense.up.weight), (experts.w_down, dense.down.weight)):
+        assert abs(float(mine.detach().std() / theirs.detach().std()) - 1) < 0.05
+    assert abs(float(experts.w_down.detach().std()) - 0.02 / 4) < 0.001  # 1/sqrt(2 * 8) = 1/4
 
 
 def test_moe_model_trains_and_reports_aux_losses():
