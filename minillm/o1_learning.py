@@ -17,6 +17,9 @@ the policy is trained on that signal, round after round. Three ways to learn, ea
   outcome (1 correct, 0 not).
 - `dpo`: Direct Preference Optimization (Rafailov et al. 2023) on pairs from sampling, a verified
   chain (chosen) and a wrong one (rejected) of the same question, with the frozen reference policy.
+  `dpo_nll_coef` > 0 adds the chosen chains' length-normalised NLL, as Iterative Reasoning
+  Preference Optimization does (Pang et al. 2024): plain DPO can lower the likelihood of the chosen
+  chains too, and a correct and a wrong chain here share most of their tokens.
 - `sft`: the control, plain supervised fine-tuning on the original worked solutions, with the same
   optimizer and the same number of steps per round.
 
@@ -239,6 +242,9 @@ class LearnConfig:
     kl_estimator: str = field(default="k3", metadata={"help": "k3 or exact"})
     adv_eps: float = 1e-4
     dpo_beta: float = 0.1
+    dpo_nll_coef: float = field(default=0.0, metadata={
+        "help": "weight of the chosen chains' NLL added to the DPO loss (IRPO, Pang et al. 2024); "
+                "0: plain DPO"})
     pairs_per_question: int = 2
     seed: int = 0
 
@@ -338,9 +344,11 @@ def dpo_steps(model: GPT, reference: GPT, optimizer, pairs: Sequence[tuple[Rollo
         batch = make_batch([r.prompt_ids for r in chains], [r.completion for r in chains], pad_id, device)
         with torch.no_grad():
             ref_B = sequence_logprobs(reference, batch)
-        pol_B = sequence_logprobs(model, batch)
-        k = len(idx)
+        logp_BT = token_logprobs(model, batch)
+        pol_B, k = logp_BT.sum(-1), len(idx)
         loss = dpo_loss(pol_B[:k], pol_B[k:], ref_B[:k], ref_B[k:], cfg.dpo_beta)
+        if cfg.dpo_nll_coef:  # IRPO: the chosen chains' mean token NLL keeps their likelihood up
+            loss = loss - cfg.dpo_nll_coef * (pol_B[:k] / batch.mask[:k].sum(-1)).mean()
         _step(model, optimizer, loss, cfg.grad_clip)
         losses.append(loss.item())
     return losses

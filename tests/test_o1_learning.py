@@ -1,5 +1,9 @@
+import dataclasses
+import importlib.util
+import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,3 +250,29 @@ def test_more_rounds_continue_and_other_settings_are_refused(tok, tmp_path):
         _run(tok, LearnConfig(rounds=2, **{**cfg, "lr": 0.5}), tmp_path / "s.pt")
     with pytest.raises(UserError, match="method"):
         LearnConfig(method="ppo").validate()
+
+
+# --- the script ---
+
+def test_script_runs_at_a_tiny_size_and_a_second_run_resumes(tmp_path, capsys):
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("o1_learn_script", root / "scripts/o1_learn.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = script.O1LearnConfig(out_dir=str(tmp_path), tiny=True,
+                               threads=torch.get_num_threads())  # leave the session's setting alone
+    first = script.main(cfg)
+    results = first["results"]
+    assert list(results) == ["sft", "expert", "grpo", "dpo"]
+    assert all([r["round"] for r in h] == [0, 1] for h in results.values())
+    # one policy: every learner starts from the same greedy accuracy
+    assert len({h[0]["acc/level2"] for h in results.values()}) == 1
+    assert results["sft"][1]["steps"] == results["grpo"][1]["steps"] == 2
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"] == results
+    capsys.readouterr()
+    second = script.main(cfg)  # every round is done: nothing is trained again
+    assert second["results"] == results
+    assert capsys.readouterr().out.count("resuming after round 1") == 4
+    with pytest.raises(UserError, match="methods"):
+        script.main(dataclasses.replace(cfg, methods=["ppo"]))

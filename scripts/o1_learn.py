@@ -1,0 +1,146 @@
+"""The o1 roadmap, part 2: does learning from search beat plain SFT? (minillm.o1_learning)
+
+    python scripts/o1_learn.py                 # the default run (README: numbers and time measured)
+    python scripts/o1_learn.py --tiny          # a smoke run of a few seconds (the test)
+
+Steps:
+1. The policy: `minillm.o1.train_policy` (pretraining + SFT on worked solutions of
+   `--policy-levels`), trained once and cached in `OUT_DIR/policy`.
+2. From that one policy, each learner runs `--rounds` rounds of `--steps-per-round` optimizer
+   steps: expert iteration, GRPO and DPO sample `--group-size` chains for each of
+   `--questions-per-round` questions of `--question-levels` (train split; the learner uses only
+   their answers, through the checker, never their worked solutions), and the control (`sft`)
+   continues plain SFT on the policy's original worked solutions. Same optimizer, same steps.
+3. After every round: greedy accuracy on `--eval-problems` held-out (test split) problems of
+   `--eval-level`, and of every question level.
+
+Each learner's rounds are checkpointed in `OUT_DIR/<method>.pt` (a killed run, started again,
+resumes at the round it was in); the table is printed and written to `OUT_DIR/results.json`.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minillm.cli import parse_config  # noqa: E402
+from minillm.errors import UserError, run_main  # noqa: E402
+from minillm.o1 import PolicyConfig, policy_problems, task_problems, train_policy  # noqa: E402
+from minillm.o1_learning import METHODS, LearnConfig, run_rounds  # noqa: E402
+from minillm.tasks import Arithmetic  # noqa: E402
+
+
+@dataclass
+class O1LearnConfig:
+    out_dir: str = field(default="out/o1_learn", metadata={
+        "help": "the cached policy (OUT_DIR/policy), round states and results.json"})
+    tiny: bool = field(default=False, metadata={"help": "a smoke run: tiny policy, one round"})
+    methods: list[str] = field(default_factory=lambda: ["expert", "grpo", "dpo"], metadata={
+        "help": "learners compared with the SFT control: expert, grpo, dpo"})
+    # the policy (minillm.o1.PolicyConfig)
+    policy_levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    policy_problems_per_level: int = 3000
+    policy_pretrain_steps: int = 800
+    policy_sft_steps: int = 800
+    # the experiment
+    question_levels: list[int] = field(default_factory=lambda: [3], metadata={
+        "help": "levels whose train-split questions the learners sample on (answers only)"})
+    eval_level: int = field(default=4, metadata={"help": "the held-out level (test split)"})
+    eval_problems: int = 200
+    rounds: int = 4
+    steps_per_round: int = 16
+    batch_size: int = 16
+    lr: float = 3e-4
+    questions_per_round: int = 32
+    group_size: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    clip_eps: float = 0.2
+    kl_coef: float = 0.04
+    kl_estimator: str = field(default="k3", metadata={"help": "GRPO's KL: k3 or exact"})
+    dpo_beta: float = 0.1
+    dpo_nll_coef: float = field(default=0.0, metadata={
+        "help": "NLL of the chosen chains added to DPO's loss (IRPO); 0: plain DPO"})
+    seed: int = 0
+    threads: int = field(default=1, metadata={
+        "help": "torch CPU threads (a tiny model gains nothing from more on a shared machine)"})
+
+
+def tiny(cfg: O1LearnConfig) -> O1LearnConfig:
+    return dataclasses.replace(
+        cfg, policy_levels=[1], policy_problems_per_level=100, policy_pretrain_steps=0,
+        policy_sft_steps=12, question_levels=[1], eval_level=2, eval_problems=8, rounds=1,
+        steps_per_round=2, batch_size=4, questions_per_round=4, group_size=3, max_new_tokens=32)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def table(results: dict[str, list[dict]], key: str) -> list[str]:
+    methods = list(results)
+    rounds = max(len(h) for h in results.values())
+    lines = ["round  " + "  ".join(f"{m:>7}" for m in methods)]
+    for r in range(rounds):
+        cells = [f"{results[m][r][key]:7.3f}" if r < len(results[m]) else "      -" for m in methods]
+        lines.append(f"{r:>5}  " + "  ".join(cells))
+    return lines
+
+
+def main(cfg: O1LearnConfig) -> dict:
+    if cfg.tiny:
+        cfg = tiny(cfg)
+    torch.set_num_threads(cfg.threads)
+    bad = [m for m in cfg.methods if m not in METHODS or m == "sft"]
+    if bad or not cfg.methods:
+        raise UserError(f"--methods {' '.join(cfg.methods)}: choose among expert, grpo, dpo "
+                        "(the SFT control always runs)")
+    for level in cfg.question_levels + [cfg.eval_level]:
+        if not 1 <= level <= 9:
+            raise UserError(f"level {level}: expected 1-9 digits per operand")
+    out = Path(cfg.out_dir)
+    t0 = time.perf_counter()
+    policy_cfg = PolicyConfig(levels=cfg.policy_levels, problems_per_level=cfg.policy_problems_per_level,
+                              pretrain_steps=cfg.policy_pretrain_steps, sft_steps=cfg.policy_sft_steps,
+                              seed=cfg.seed)
+    policy = train_policy(policy_cfg, out / "policy")
+    print(f"policy ready ({time.perf_counter() - t0:.0f} s): levels {cfg.policy_levels}, "
+          f"{policy.model.num_params():,} parameters", flush=True)
+    initial = {k: v.clone() for k, v in policy.model.state_dict().items()}
+
+    task = Arithmetic(ops=policy_cfg.ops)
+    questions = [p for level in cfg.question_levels
+                 for p in task_problems(task, level, 2000, "train", cfg.seed + 7)]
+    eval_sets = {}
+    for level in [cfg.eval_level] + [q for q in cfg.question_levels if q != cfg.eval_level]:
+        eval_sets[f"level{level}"] = task_problems(task, level, cfg.eval_problems, "test", cfg.seed)
+    sft_examples = policy_problems(policy_cfg)  # the policy's own SFT data: its worked solutions
+    learn_fields = {f.name for f in dataclasses.fields(LearnConfig)}
+    shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in learn_fields}
+    results = {}
+    for method in ["sft"] + list(cfg.methods):
+        policy.model.load_state_dict(initial)
+        learn = LearnConfig(method=method, **shared)
+        results[method] = run_rounds(learn, policy.model, policy.tokenizer, questions, sft_examples,
+                                     eval_sets, out / f"{method}.pt",
+                                     log=lambda s: print(s, flush=True))
+    seconds = time.perf_counter() - t0
+    summary = {"config": dataclasses.asdict(cfg), "results": results, "seconds": round(seconds, 1)}
+    write_json(out / "results.json", summary)
+    for name in eval_sets:
+        print(f"\ngreedy accuracy on held-out {name} problems ({len(eval_sets[name])}), per round:")
+        print("\n".join(table(results, f"acc/{name}")))
+    print(f"\n{seconds:.0f} s; results in {out / 'results.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main, parse_config(O1LearnConfig, description=__doc__))
