@@ -398,10 +398,10 @@ class Trainer:
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
         if dist.enabled and not cfg.fsdp:
-            # sharded experts differ between ranks: DDP must neither broadcast nor average them
-            sharded = {id(p) for p in self.sharded.values()}
-            DDP._set_params_and_buffers_to_ignore_for_model(
-                self.wrapped, [n for n, p in self.wrapped.named_parameters() if id(p) in sharded])
+            if self.sharded:  # experts differ between ranks: DDP must not broadcast or average them
+                sharded = {id(p) for p in self.sharded.values()}
+                DDP._set_params_and_buffers_to_ignore_for_model(
+                    self.wrapped, [n for n, p in self.wrapped.named_parameters() if id(p) in sharded])
             self.wrapped = DDP(self.wrapped, device_ids=[dist.local_rank] if self.device.type == "cuda"
                                else None)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
