@@ -113,25 +113,27 @@ class NoisyOracleJudge:
     with probability `accuracy`. A chain it calls right scores in [7, 10], one it calls wrong in
     [0, 3] (uniform jitter), so the default threshold 6 keeps exactly the chains it calls right.
 
-    The draws are a function of (seed, question, chain text): the same chain always gets the same
-    score, and at a higher accuracy every truthful verdict stays truthful (a sweep over accuracy is
-    coupled, not independently noisy). accuracy 0.5 is a judge at chance; 1.0 is an oracle."""
+    The draws are a function of (seed, stage, question, chain text): the same chain gets the same
+    score whenever it is judged in a stage, and its local and global verdicts are independent (the
+    global stage is a second look, not a replay of the first). At a higher accuracy every truthful
+    verdict stays truthful: a sweep over accuracy is coupled, not independently noisy. accuracy
+    0.5 is a judge at chance; 1.0 is an oracle."""
 
     def __init__(self, accuracy: float, seed: int = 0):
         if not 0.0 <= accuracy <= 1.0:
             raise ValueError(f"accuracy {accuracy}: expected a probability in [0, 1]")
         self.accuracy, self.seed = accuracy, seed
 
-    def verdict(self, problem: Problem, chain: str) -> bool:
-        """Whether the judge calls `chain` right."""
-        truthful = _uniforms(self.seed, problem.question, chain)[0] < self.accuracy
+    def verdict(self, problem: Problem, chain: str, stage: str = "local") -> bool:
+        """Whether the judge calls `chain` right in `stage`."""
+        truthful = _uniforms(self.seed, stage, problem.question, chain)[0] < self.accuracy
         return check(problem, chain) == truthful
 
     def score(self, problem, chains, stage):
         out = []
         for chain in chains:
-            jitter = 3.0 * _uniforms(self.seed, problem.question, chain)[1]
-            out.append(7.0 + jitter if self.verdict(problem, chain) else jitter)
+            jitter = 3.0 * _uniforms(self.seed, stage, problem.question, chain)[1]
+            out.append(7.0 + jitter if self.verdict(problem, chain, stage) else jitter)
         return out
 
 
@@ -168,8 +170,8 @@ class ORMJudge:
 
 # --- an LLM as judge -----------------------------------------------------------------------------
 
-LOCAL_PROMPT = """You are checking worked solutions to one arithmetic problem. All of them reach the \
-same final answer; judge how sound each one's steps are, not the answer.
+LOCAL_PROMPT = """You are checking worked solutions to one arithmetic problem. All of them reach \
+the same final answer; judge how sound each one's steps are, not the answer.
 Score each solution from 0 to 10: 10 when every step is right and follows from the step before, \
 0 when the steps are wrong, missing or do not lead to the answer.
 
@@ -178,8 +180,8 @@ Score each solution from 0 to 10: 10 when every step is right and follows from t
 {solutions}
 Reply with one line per solution, "Solution N: S/10", where N is its number and S its score."""
 
-GLOBAL_PROMPT = """You are choosing the right answer to one arithmetic problem. Each solution below \
-reaches a different final answer, so at most one of them is right. Check every step of each.
+GLOBAL_PROMPT = """You are choosing the right answer to one arithmetic problem. Each solution \
+below reaches a different final answer, so at most one of them is right. Check every step of each.
 Score each solution from 0 to 10: 10 when every step is right and the answer follows from them, \
 0 when a step is wrong or the answer does not follow.
 
@@ -311,7 +313,8 @@ class _Aggregation:
             todo = [i for i in indices if i not in r.local_scores]
             for start in range(0, len(todo), self.cfg.local_batch):
                 batch = todo[start:start + self.cfg.local_batch]
-                r.local_scores.update(zip(batch, self._judge([r.chains[i] for i in batch], "local")))
+                scores = self._judge([r.chains[i] for i in batch], "local")
+                r.local_scores.update(zip(batch, scores))
 
     def pick_representatives(self, buckets: dict[str, list[int]]) -> dict[str, list[int]]:
         reps = {}
@@ -327,7 +330,8 @@ class _Aggregation:
         totals = dict.fromkeys(reps, 0.0)
         for t in range(rounds):
             shown = [reps[a][t % len(reps[a])] for a in reps]
-            for answer, s in zip(reps, self._judge([self.result.chains[i] for i in shown], "global")):
+            scores = self._judge([self.result.chains[i] for i in shown], "global")
+            for answer, s in zip(reps, scores):
                 totals[answer] += s
         return {a: total / rounds for a, total in totals.items()}
 

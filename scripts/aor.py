@@ -1,23 +1,25 @@
 """AoR against majority voting on the arithmetic task, with a minillm policy and several judges.
 
     python scripts/aor.py                 # the default run (its measured time: README, "AoR")
-    python scripts/aor.py --tiny true     # a seconds-long smoke run
+    python scripts/aor.py --tiny          # a seconds-long smoke run
 
 1. The policy: `minillm.o1.train_policy` (a tiny GPT pretrained and fine-tuned on worked
-   solutions), cached in `--policy-dir`, which `scripts/o1.py` shares: whichever script runs first
-   trains it, the other loads it.
+   solutions) with the settings of `scripts/o1.py`, in its folder (`--policy-dir`, default
+   out/o1/policy): whichever script runs first trains it, the other loads it. `--policy FILE` uses
+   any trained minillm model with its tokenizer instead.
 2. `--questions` held-out problems of `--level` digits; `--max-samples` chains sampled per question
    at `--temperature`, once, cached in `--out-dir/samples.json`. Every method sees the same chains
    in the same order: voting and AoR without dynamic sampling read the first `--initial-samples`;
    dynamic sampling draws from the rest, `--extra-samples` at a time.
-3. The outcome reward model of `minillm.o1`, trained on the policy's samples of training problems
-   (cached beside the policy), as one judge; the noisy oracle of each `--oracle-accuracy`, and the
-   constant judge, as the others.
-4. Prints accuracy overall, on "minority" questions (the right answer is among the first
-   `--initial-samples` chains but on fewer than half of them) and on "outvoted" questions (it is
-   among them but some wrong answer has at least as many), for voting and for AoR with each judge,
-   with and without dynamic sampling; then where dynamic sampling spends its samples, by the vote
-   margin of the first chains. Writes `results.json` to `--out-dir`.
+3. Judges: the outcome reward model of `minillm.o1`, trained on the policy's samples of training
+   problems of the same level (cached in `--out-dir`), at the paper's threshold and at threshold 0;
+   the noisy oracle of each `--oracle-accuracy`; the constant judge (which must equal voting).
+4. Prints how well the ORM ranks the chains (AUC), then accuracy overall, on "minority" questions
+   (the right answer is among the first `--initial-samples` chains but on fewer than half of them)
+   and on "outvoted" questions (it is among them but some wrong answer has at least as many), for
+   voting and for AoR with each judge, with and without dynamic sampling; then where dynamic
+   sampling spends its samples, by the vote margin of the first chains. Writes `results.json` to
+   `--out-dir`.
 """
 
 import json
@@ -34,17 +36,23 @@ from minillm.aor import (AoRConfig, ConstantJudge, NoisyOracleJudge, ORMJudge,  
                          aggregate, bucket_by_answer, majority_vote, pool_sampler)
 from minillm.cli import given_fields, parse_config  # noqa: E402
 from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.o1 import (OutcomeRewardModel, PolicyConfig, outcome_examples,  # noqa: E402
+from minillm.model import load_model  # noqa: E402
+from minillm.o1 import (OutcomeRewardModel, Policy, PolicyConfig, outcome_examples,  # noqa: E402
                         sample, train_policy, train_reward_model)
-from minillm.tasks import Arithmetic, Problem, check, extract_answer, prompt, split_steps  # noqa: E402
+from minillm.tasks import (Arithmetic, Problem, check, extract_answer, prompt,  # noqa: E402
+                           split_steps)
 
 
 @dataclass
 class AoRScriptConfig:
     out_dir: str = "out/aor"
     policy_dir: str | None = field(default=None, metadata={
-        "help": "where the policy is trained once and cached; default: out/o1/policy, shared "
-                "with scripts/o1.py (--tiny: OUT_DIR/policy)"})
+        "help": "where the policy is trained once and reused; default: out/o1/policy, the one "
+                "scripts/o1.py trains with the same settings (--tiny: OUT_DIR/policy)"})
+    policy: str | None = field(default=None, metadata={
+        "help": "a trained policy file (a minillm model with its tokenizer) to use instead"})
+    pretrain_steps: int = field(default=200, metadata={"help": "policy pretraining steps"})
+    sft_steps: int = field(default=400, metadata={"help": "policy fine-tuning steps"})
     level: int = field(default=3, metadata={"help": "digits per operand of the test problems"})
     questions: int = field(default=200, metadata={"help": "held-out problems"})
     initial_samples: int = field(default=20, metadata={"help": "AoR / voting: chains first drawn"})
@@ -70,13 +78,16 @@ class AoRScriptConfig:
                 "((top1 - top2) / chains with an answer)"})
     seed: int = 0
     tiny: bool = field(default=False, metadata={"help": "a seconds-long smoke run"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default)"})
 
 
 def check_config(cfg: AoRScriptConfig) -> AoRConfig:
     for name in ("questions", "batch_size", "orm_questions", "orm_samples", "orm_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.policy and cfg.policy_dir:
+        raise UserError("--policy (a trained policy file) and --policy-dir (where one is trained): "
+                        "give one")
     if cfg.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {cfg.max_new_tokens}: must be at least 0 (0: auto)")
     if not 1 <= cfg.level <= 9:
@@ -163,18 +174,49 @@ def print_spending(dynamic_rows: list[tuple[str, dict]], kinds: list[dict], clos
     for name, s in dynamic_rows:
         cells = []
         for m in members:
-            mean = sum(s["per_question_samples"][i] for i in m) / len(m) if m else float("nan")
-            cells.append(f"{mean:>24.1f}")
+            mean = sum(s["per_question_samples"][i] for i in m) / len(m) if m else None
+            cells.append(f"{'-' if mean is None else f'{mean:.1f}':>24}")
         print(f"{name:<34} " + " ".join(cells))
+
+
+def auc(scores: list[float], labels: list[bool]) -> float | None:
+    """P(a right chain scores above a wrong one), ties counting half (None without both kinds)."""
+    right = sorted(s for s, y in zip(scores, labels) if y)
+    wrong = sorted(s for s, y in zip(scores, labels) if not y)
+    if not right or not wrong:
+        return None
+    wins, lo, hi = 0.0, 0, 0
+    for s in right:  # wrong scores below s, and equal to s
+        while lo < len(wrong) and wrong[lo] < s:
+            lo += 1
+        hi = max(hi, lo)
+        while hi < len(wrong) and wrong[hi] == s:
+            hi += 1
+        wins += lo + 0.5 * (hi - lo)
+    return wins / (len(right) * len(wrong))
 
 
 # --- the policy, its samples and the ORM ---------------------------------------------------------
 
 def policy_config(cfg: AoRScriptConfig) -> PolicyConfig:
+    """The policy of scripts/o1.py by default (levels 1-3, 2 layers of 64, 200 + 400 steps), so
+    that the two scripts train it once."""
     if cfg.tiny:
         return PolicyConfig(levels=[1, 2], problems_per_level=200, n_layer=1, n_embd=32,
-                            pretrain_steps=4, sft_steps=4, batch_size=8, seed=cfg.seed)
-    return PolicyConfig()
+                            pretrain_steps=cfg.pretrain_steps, sft_steps=cfg.sft_steps,
+                            batch_size=8, seed=cfg.seed)
+    return PolicyConfig(pretrain_steps=cfg.pretrain_steps, sft_steps=cfg.sft_steps, seed=cfg.seed)
+
+
+def load_policy(cfg: AoRScriptConfig, pcfg: PolicyConfig, policy_source: Path) -> Policy:
+    if cfg.policy is None:
+        return train_policy(pcfg, policy_source)
+    if not Path(cfg.policy).is_file():
+        raise UserError(f"--policy {cfg.policy}: no such file")
+    model, tok, _ = load_model(cfg.policy)
+    if tok is None:
+        raise UserError(f"--policy {cfg.policy}: the file carries no tokenizer")
+    return Policy(model.eval(), tok)
 
 
 def load_samples(cfg: AoRScriptConfig, policy, problems: list[Problem], key: dict,
@@ -223,7 +265,10 @@ def load_orm(cfg: AoRScriptConfig, policy, ops: str, key: dict, out_dir: Path
     the test level (labels from the checker), then cached with its settings."""
     path, meta = out_dir / "orm.pt", out_dir / "orm.json"
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:
-        return OutcomeRewardModel.load(path)
+        try:
+            return OutcomeRewardModel.load(path)
+        except (UserError, RuntimeError) as e:  # written by another version of minillm.o1
+            print(f"retraining the ORM: {path} does not load ({str(e).splitlines()[0]})")
     start = time.time()
     problems = Arithmetic(ops=ops).problems(cfg.level, cfg.orm_questions, "train", cfg.seed + 1)
     outs = sample(policy.lm(batch_size=cfg.batch_size), problems, cfg.orm_samples,
@@ -248,9 +293,9 @@ def load_orm(cfg: AoRScriptConfig, policy, ops: str, key: dict, out_dir: Path
 
 # --- main ----------------------------------------------------------------------------------------
 
-TINY = dict(questions=6, level=2, initial_samples=4, max_samples=8, extra_samples=2,
-            max_new_tokens=24, orm_questions=8, orm_samples=2, orm_steps=3,
-            oracle_accuracy=[0.5, 1.0])
+TINY = dict(questions=6, level=2, pretrain_steps=4, sft_steps=4, initial_samples=4,
+            max_samples=8, extra_samples=2, max_new_tokens=24, orm_questions=8, orm_samples=2,
+            orm_steps=3, oracle_accuracy=[0.5, 1.0])
 
 
 def resolve(cfg: AoRScriptConfig, argv: list[str] | None = None) -> AoRScriptConfig:
@@ -264,14 +309,14 @@ def resolve(cfg: AoRScriptConfig, argv: list[str] | None = None) -> AoRScriptCon
 def sample_settings(cfg: AoRScriptConfig) -> tuple[PolicyConfig, Path, dict]:
     """The policy's settings, its folder, and what the cached samples depend on."""
     pcfg = policy_config(cfg)
-    policy_dir = Path(cfg.policy_dir or (Path(cfg.out_dir) / "policy" if cfg.tiny
-                                         else "out/o1/policy"))
+    policy_source = Path(cfg.policy or cfg.policy_dir
+                         or (Path(cfg.out_dir) / "policy" if cfg.tiny else "out/o1/policy"))
     # a chain's steps take about 20 tokens each; prompt + chain must fit the policy's positions
     max_new = cfg.max_new_tokens or min(20 * (cfg.level + 2), pcfg.block_size - 4 * cfg.level - 8)
-    key = {"policy": asdict(pcfg), "policy_dir": str(policy_dir), "level": cfg.level,
-           "questions": cfg.questions, "max_samples": cfg.max_samples,
+    key = {"policy": cfg.policy or asdict(pcfg), "policy_source": str(policy_source),
+           "level": cfg.level, "questions": cfg.questions, "max_samples": cfg.max_samples,
            "temperature": cfg.temperature, "max_new_tokens": max_new, "seed": cfg.seed}
-    return pcfg, policy_dir, key
+    return pcfg, policy_source, key
 
 
 def main(argv=None):
@@ -283,10 +328,13 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.time()
-    pcfg, policy_dir, key = sample_settings(cfg)
-    policy = train_policy(pcfg, policy_dir)
-    print(f"policy: {policy.model.num_params() / 1e6:.2f}M parameters, from {policy_dir} "
+    pcfg, policy_source, key = sample_settings(cfg)
+    policy = load_policy(cfg, pcfg, policy_source)
+    print(f"policy: {policy.model.num_params() / 1e6:.2f}M parameters, from {policy_source} "
           f"({time.time() - start:.0f} s)")
+    if policy.model.wpe is not None and key["max_new_tokens"] + 16 > policy.model.config.block_size:
+        raise UserError(f"the policy has {policy.model.config.block_size} positions: pass a "
+                        f"--max-new-tokens below {policy.model.config.block_size - 16}")
     problems = Arithmetic(ops=pcfg.ops).problems(cfg.level, cfg.questions, "test", cfg.seed)
     pools = load_samples(cfg, policy, problems, key, out_dir / "samples.json")
     orm_key = {**key, "orm_questions": cfg.orm_questions, "orm_samples": cfg.orm_samples,
@@ -299,6 +347,16 @@ def main(argv=None):
 
     first = [pool[:cfg.initial_samples] for pool in pools]
     kinds = [question_kinds(p, c, cfg.close_margin) for p, c in zip(problems, first)]
+    judged = [(p, c) for p, cs in zip(problems, first) for c in cs if extract_answer(c) is not None]
+    orm_scores = [orm_judge.score(p, [c], "local")[0] for p, c in judged]  # cached: prefetched
+    labels = [check(p, c) for p, c in judged]
+    orm_auc = auc(orm_scores, labels)
+    means = [sum(s for s, y in zip(orm_scores, labels) if y == want)
+             / max(sum(y == want for y in labels), 1) for want in (True, False)]
+    print(f"ORM on the first {cfg.initial_samples} chains with an answer ({len(judged)}): mean "
+          f"score {means[0]:.2f} / 10 on right chains, {means[1]:.2f} on wrong ones, AUC "
+          f"{'-' if orm_auc is None else f'{orm_auc:.3f}'}; {cfg.score_threshold:g} or more: "
+          f"{sum(s >= cfg.score_threshold for s in orm_scores)}")
     n = len(problems)
     rows = []
     for name, chains in ((f"pass@{cfg.initial_samples} (ceiling)", first),
@@ -307,19 +365,23 @@ def main(argv=None):
                    for p, cs in zip(problems, chains)]
         rows.append((name, summarize(problems, answers, [len(c) for c in chains], kinds)))
     for chains in (first, pools):
+        answers = [majority_vote(c) for c in chains]
         rows.append((f"majority@{len(chains[0])}",
-                     summarize(problems, [majority_vote(c) for c in chains], [len(c) for c in chains],
-                               kinds)))
-    judges = [("constant", ConstantJudge()), ("ORM", orm_judge)]
-    judges += [(f"oracle {a:g}", NoisyOracleJudge(a, seed=cfg.seed)) for a in cfg.oracle_accuracy]
-    static_cfg = replace(aor_cfg, max_samples=aor_cfg.initial_samples)
+                     summarize(problems, answers, [len(c) for c in chains], kinds)))
+    # the ORM's probabilities rarely reach the threshold of 6 / 10, which then drops every chain
+    # (and AoR falls back to voting): "threshold 0" shows what its ranking alone does
+    judges = [("constant", ConstantJudge(), aor_cfg), ("ORM", orm_judge, aor_cfg),
+              ("ORM, threshold 0", orm_judge, replace(aor_cfg, score_threshold=0.0))]
+    judges += [(f"oracle {a:g}", NoisyOracleJudge(a, seed=cfg.seed), aor_cfg)
+               for a in cfg.oracle_accuracy]
     dynamic_rows = []
-    for name, judge in judges:
+    for name, judge, judge_cfg in judges:
+        static_cfg = replace(judge_cfg, max_samples=judge_cfg.initial_samples)
         for label, acfg in ((f"AoR@{cfg.initial_samples}", static_cfg),
-                            (f"AoR dynamic {cfg.initial_samples}-{cfg.max_samples}", aor_cfg)):
+                            (f"AoR dynamic {cfg.initial_samples}-{cfg.max_samples}", judge_cfg)):
             answers, samples, _ = run_aor(problems, pools, judge, acfg)
             rows.append((f"{label}, {name}", summarize(problems, answers, samples, kinds)))
-            if acfg is aor_cfg:
+            if acfg is judge_cfg:
                 dynamic_rows.append((f"{label}, {name}", rows[-1][1]))
     print(f"\n{n} held-out {cfg.level}-digit questions; minority: the right answer on fewer than "
           f"half of the first {cfg.initial_samples} chains (but on some); outvoted: some wrong "
@@ -327,10 +389,11 @@ def main(argv=None):
     print_table(rows, kinds)
     print()
     print_spending(dynamic_rows, kinds, cfg.close_margin)
-    results = {"config": asdict(cfg), "policy_dir": str(policy_dir),
+    results = {"config": asdict(cfg), "policy_source": str(policy_source),
                "questions": [{"question": p.question, "answer": p.answer, **k}
                              for p, k in zip(problems, kinds)],
-               "rows": {name: s for name, s in rows}, "seconds": time.time() - start}
+               "rows": {name: s for name, s in rows}, "orm_auc": orm_auc,
+               "seconds": time.time() - start}
     write_json(out_dir / "results.json", results)
     print(f"\nwrote {out_dir / 'results.json'} ({time.time() - start:.0f} s)")
 

@@ -103,7 +103,8 @@ def test_a_bucket_with_fewer_representatives_wraps_around_in_the_global_rounds()
 def test_a_single_bucket_is_chosen_without_judging():
     judge = ScriptedJudge({})
     chains = [chain("12", str(i)) for i in range(5)] + [chain(None)]
-    r = aggregate(PROBLEM, pool_sampler(chains), judge, AoRConfig(initial_samples=6, max_samples=40))
+    r = aggregate(PROBLEM, pool_sampler(chains), judge,
+                  AoRConfig(initial_samples=6, max_samples=40))
     assert r.answer == "12" and r.margin == math.inf and judge.calls == [] and r.samples == 6
 
 
@@ -157,7 +158,8 @@ def test_dynamic_sampling_continues_on_a_tie_and_stops_at_the_maximum():
 def test_dynamic_sampling_stops_once_new_chains_open_a_margin():
     # a tie among the first 20 (every chain 7); the next 5 bring two 10s for "834"
     first = [chain("834" if i % 2 else "835", str(i)) for i in range(20)]
-    later = [chain("834", "best1"), chain("834", "best2")] + [chain("835", f"l{i}") for i in range(8)]
+    later = [chain("834", "best1"), chain("834", "best2")]
+    later += [chain("835", f"l{i}") for i in range(8)]
     judge = ScriptedJudge({**dict.fromkeys(first, 7.0), later[0]: 10.0, later[1]: 10.0},
                           default=2.0)
     sampler = RecordingSampler(first + later)
@@ -214,8 +216,13 @@ def test_noisy_oracle_has_its_set_accuracy_is_deterministic_and_coupled_across_a
         truthful = [judge.verdict(p, t) == check(p, t) for p, t in texts]
         assert abs(sum(truthful) / len(truthful) - accuracy) < 0.06
         verdicts[accuracy] = truthful
-        assert [judge.score(p, [t], "global") for p, t in texts[:20]] == \
-               [NoisyOracleJudge(accuracy, seed=0).score(p, [t], "local") for p, t in texts[:20]]
+        again = NoisyOracleJudge(accuracy, seed=0)
+        assert [judge.score(p, [t], "local") for p, t in texts] == \
+               [again.score(p, [t], "local") for p, t in texts]
+        glob = [judge.verdict(p, t, "global") == check(p, t) for p, t in texts]
+        assert abs(sum(glob) / len(glob) - accuracy) < 0.06
+        both = sum(a and b for a, b in zip(truthful, glob)) / len(texts)
+        assert abs(both - accuracy ** 2) < 0.06  # the two stages' verdicts are independent
     # a verdict that is truthful at some accuracy stays truthful at any higher one
     assert all(not a or b for a, b in zip(verdicts[0.5], verdicts[0.7]))
     assert all(not a or b for a, b in zip(verdicts[0.7], verdicts[0.9]))
@@ -271,7 +278,8 @@ class ScriptedLM:
 
 def test_parse_scores_reads_lines_paragraphs_and_summaries():
     assert parse_scores("Solution 1: 7/10\nSolution 2: 3/10\n", 2) == [7, 3]
-    assert parse_scores("**Solution 2** — score: 8 / 10\n**Solution 1**: 6.5 out of 10", 2) == [6.5, 8]
+    text = "**Solution 2** — score: 8 / 10\n**Solution 1**: 6.5 out of 10"
+    assert parse_scores(text, 2) == [6.5, 8]
     text = ("Solution 1\nThe first column 8+6=14 is right.\nScore: 9/10\n\n"
             "Solution 2\nThe carry is lost.\nScore: 2/10\n\nSummary: Solution 1: 10/10")
     assert parse_scores(text, 2) == [10, 2]  # the closing summary overrides
@@ -282,7 +290,8 @@ def test_parse_scores_reads_lines_paragraphs_and_summaries():
 
 
 def test_llm_judge_prompts_and_reads_scores():
-    lm = ScriptedLM(["Solution 1: 8/10\nSolution 2: nonsense", "Solution 2: 9/10\nSolution 1: 1/10"])
+    lm = ScriptedLM(["Solution 1: 8/10\nSolution 2: nonsense",
+                     "Solution 2: 9/10\nSolution 1: 1/10"])
     judge = LLMJudge(lm, missing_score=0.5)
     right, wrong = PROBLEM.solution, PROBLEM.solution.replace("A: 834", "A: 835")
     assert judge.score(PROBLEM, [right, right + " "], "local") == [8.0, 0.5]
@@ -374,3 +383,13 @@ def test_script_refuses_bad_settings_in_one_line(tmp_path, script, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.booleans()), max_size=15))
+def test_script_auc_equals_the_pairwise_count(script, pairs):
+    scores, labels = [float(s) for s, _ in pairs], [y for _, y in pairs]
+    right = [s for s, y in pairs if y]
+    wrong = [s for s, y in pairs if not y]
+    expect = (sum((a > b) + 0.5 * (a == b) for a in right for b in wrong)
+              / (len(right) * len(wrong)) if right and wrong else None)
+    assert script.auc(scores, labels) == expect
