@@ -13,8 +13,9 @@ the layer and the trainer need from torch.distributed, and imports nothing from 
   rank holds different experts); they are summed over the ranks holding the same experts and
   scaled so that every gradient is that of the loss averaged over all ranks, and the clipping norm
   counts every shard once;
-- `gather_experts` / `shard_experts`: checkpoints hold experts under their global index (a
-  single-process model's state), whatever the layout that saved or loads them.
+- `gather_experts` / `shard_experts` (and `*_optimizer_experts` for AdamW's moments): checkpoints
+  hold experts under their global index (a single-process model's state), whatever the layout
+  that saved or loads them.
 
 Sharded parameters are found by duck typing: a module with an `ep_group` (not None) offers them
 through `sharded_parameters()` ({name: parameter}).
