@@ -33,8 +33,6 @@ Choices of ours, where the paper and its code are silent or do otherwise:
   0 (dynamic sampling continues) and, if nothing survives at the end, the answer is the vote over
   all chains, marked `fallback` in the result. Chains drawn with no answer at all also have margin
   0.
-- The global stage runs as many rounds as the largest bucket has representatives (the authors
-  always run `representatives` rounds); for a deterministic judge this changes no score.
 - The authors show the local judge of new chains the bucket's best and worst scored chain as
   references; the `Judge` protocol below scores chains without references.
 - Local scores are kept per chain and never recomputed; the global stage is re-run only when a
@@ -326,7 +324,7 @@ class _Aggregation:
         return reps
 
     def evaluate_globally(self, reps: dict[str, list[int]]) -> dict[str, float]:
-        rounds = max(len(r) for r in reps.values())
+        rounds = self.cfg.representatives  # as the authors' code, even when buckets hold fewer
         totals = dict.fromkeys(reps, 0.0)
         for t in range(rounds):
             shown = [reps[a][t % len(reps[a])] for a in reps]

@@ -313,11 +313,12 @@ def test_aor_with_an_llm_judge_end_to_end():
     lm = ScriptedLM(["Solution 1: 7/10\nSolution 2: 9/10",  # bucket 835
                      "Solution 1: 8/10\nSolution 2: 8/10",  # bucket 834
                      "Solution 1: 3/10\nSolution 2: 9/10",  # round 1: 835's best, 834's best
-                     "Solution 1: 4/10\nSolution 2: 8/10"])  # round 2
+                     "Solution 1: 4/10\nSolution 2: 8/10",  # round 2: the second ones
+                     "Solution 1: 2/10\nSolution 2: 10/10"])  # round 3 wraps to the best again
     r = aggregate(PROBLEM, pool_sampler([wrong[0], right[0], wrong[1], right[1]]), LLMJudge(lm),
                   AoRConfig(initial_samples=4, max_samples=4))
-    assert r.answer == "834" and r.scores == {"835": 3.5, "834": 8.5} and r.margin == 5.0
-    assert len(lm.prompts) == 4 and lm.answers == []
+    assert r.answer == "834" and r.scores == {"835": 3.0, "834": 9.0} and r.margin == 6.0
+    assert lm.prompts[4] == lm.prompts[2] and lm.answers == []
 
 
 # --- the script at tiny size ---------------------------------------------------------------------
