@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
-from .moe import MoE, active_matmul_params, moe_from_spec, moe_spec
+from .moe import Experts, MoE, active_matmul_params, moe_from_spec, moe_spec
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 IGNORE_INDEX = -100
@@ -370,6 +370,11 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Experts):  # E FFNs at once: the down projection is residual
+            for w in (module.w_up, module.w_gate):
+                if w is not None:
+                    nn.init.normal_(w, mean=0.0, std=std)
+            nn.init.normal_(module.w_down, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
     def num_params(self, exclude_position_embeddings: bool = False) -> int:
         """Parameters counted once (a tied matrix once)."""

@@ -98,6 +98,18 @@ def test_random_experts_start_like_the_dense_ffn_they_replace():
     assert abs(float(experts.w_down.detach().std()) - 0.02 / 4) < 0.001  # 1/sqrt(2 * 8) = 1/4
 
 
+def test_a_model_built_from_its_moe_config_inits_experts_like_the_dense_ffn():
+    """GPT(config with moe_layers), trained from scratch, starts its experts as
+    replace_ffns_with_moe does: N(0, init_std), the down projection scaled by 1/sqrt(2 n_layer)."""
+    torch.manual_seed(0)
+    base = GPT(ModelConfig(vocab_size=97, block_size=64, n_layer=8, n_head=2, n_embd=64))
+    described = replace_ffns_with_moe(base, MoEConfig(num_experts=4, top_k=2, expert_hidden=256),
+                                      layers=[1]).describe()
+    experts = GPT(described).blocks[1].ffn.experts
+    assert abs(float(experts.w_up.detach().std()) - 0.02) < 0.001
+    assert abs(float(experts.w_down.detach().std()) - 0.02 / 4) < 0.001  # 1/sqrt(2 * 8) = 1/4
+
+
 def test_moe_model_trains_and_reports_aux_losses():
     model = moe_model()
     x = torch.randint(0, 97, (4, 24))
