@@ -140,14 +140,10 @@ def summarize(problems: list[Problem], answers: list[str | None], samples: list[
             "correct": correct, "per_question_samples": samples}
 
 
-def run_aor(problems, pools, judge, cfg: AoRConfig) -> tuple[list, list, list]:
-    answers, samples, margins = [], [], []
-    for problem, pool in zip(problems, pools):
-        r = aggregate(problem, pool_sampler(pool), judge, cfg)
-        answers.append(r.answer)
-        samples.append(r.samples)
-        margins.append(r.margin)
-    return answers, samples, margins
+def run_aor(problems, pools, judge, cfg: AoRConfig) -> tuple[list[str | None], list[int]]:
+    """AoR's answer and the chains it drew, per question, from the question's pool in order."""
+    results = [aggregate(p, pool_sampler(pool), judge, cfg) for p, pool in zip(problems, pools)]
+    return [r.answer for r in results], [r.samples for r in results]
 
 
 def fmt(x: float | None) -> str:
@@ -379,7 +375,7 @@ def main(argv=None):
         static_cfg = replace(judge_cfg, max_samples=judge_cfg.initial_samples)
         for label, acfg in ((f"AoR@{cfg.initial_samples}", static_cfg),
                             (f"AoR dynamic {cfg.initial_samples}-{cfg.max_samples}", judge_cfg)):
-            answers, samples, _ = run_aor(problems, pools, judge, acfg)
+            answers, samples = run_aor(problems, pools, judge, acfg)
             rows.append((f"{label}, {name}", summarize(problems, answers, samples, kinds)))
             if acfg is judge_cfg:
                 dynamic_rows.append((f"{label}, {name}", rows[-1][1]))
