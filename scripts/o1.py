@@ -36,7 +36,7 @@ class O1Config:
     levels: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={
         "help": "digits per operand the policy is trained on"})
     eval_level: int = field(default=3, metadata={"help": "the level of the held-out questions"})
-    eval_problems: int = field(default=60, metadata={"help": "held-out questions"})
+    eval_problems: int = field(default=100, metadata={"help": "held-out questions"})
     budgets: list[int] = field(default_factory=lambda: [1, 4, 16], metadata={
         "help": "N: each method may generate N x cap tokens per question"})
     pretrain_steps: int = 200
@@ -50,9 +50,11 @@ class O1Config:
     rm_steps: int = field(default=300, metadata={"help": "training steps of each reward model"})
     beam_expand: int = field(default=4, metadata={
         "help": "beam search: next steps sampled per beam (width = N / expand)"})
-    mcts_children: int = field(default=4, metadata={"help": "MCTS: steps sampled per expansion"})
+    mcts_children: int = field(default=4, metadata={
+        "help": "MCTS: steps sampled per expansion (at most N / 2, at least 2, at most N)"})
     c_uct: float = 1.0
-    temperature: float = 1.0
+    temperature: float = field(default=0.4, metadata={
+        "help": "sampling temperature of every search and of the reward models' data"})
     tiny: bool = field(default=False, metadata={"help": "a seconds-long smoke run"})
     seed: int = 0
     threads: int = field(default=1, metadata={
@@ -190,7 +192,9 @@ def main(argv=None):
                                                  temperature=cfg.temperature, seed=seed)
             seconds["prm-beam"] += time.time() - start
             start = time.time()
-            results["mcts-prm"] = o1.mcts(lm, prm, q, limit, children=min(cfg.mcts_children, n),
+            # small budgets expand 2 children at a time, so that a chain can reach its answer
+            children = min(cfg.mcts_children, max(2, n // 2), n)
+            results["mcts-prm"] = o1.mcts(lm, prm, q, limit, children=children,
                                           step_tokens=step_tokens, c_uct=cfg.c_uct,
                                           temperature=cfg.temperature, seed=seed)
             seconds["mcts-prm"] += time.time() - start
