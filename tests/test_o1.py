@@ -143,6 +143,24 @@ def test_reward_model_reads_the_last_token_of_every_step_and_learns_soft_targets
         o1.OutcomeRewardModel.load(tmp_path / "prm.pt")
 
 
+def test_reward_model_confidence_is_the_policys_lowest_and_mean_token_logprob(tok):
+    torch.manual_seed(0)
+    policy = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                             n_embd=16))
+    rm = o1.OutcomeRewardModel(policy, tok)
+    ids, ends = rm.encode(P, [S1, S2])
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(torch.tensor([ids])).logits[0], -1)
+        token_logp = [logp[t - 1, ids[t]].item() for t in range(len(ids))]
+        ids_BT, pos_BK = torch.tensor([ids]), torch.tensor([ends])
+        for weights, reduce in (([1.0, 0.0], min), ([0.0, 1.0], lambda x: sum(x) / len(x))):
+            rm.confidence.weight.copy_(torch.tensor([weights]))
+            got = rm.logits(ids_BT, pos_BK)[0].tolist()
+            # after the prompt nothing of the chain is seen yet: 0; then over the chain's tokens
+            want = [0.0] + [reduce(token_logp[ends[0] + 1:end + 1]) for end in ends[1:]]
+            assert got == pytest.approx(want, abs=1e-5)
+
+
 def test_the_orm_learns_the_checker_labels_of_sampled_chains(tok, tmp_path):
     torch.manual_seed(0)
     policy = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
