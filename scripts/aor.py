@@ -71,6 +71,8 @@ class AoRScriptConfig:
     orm_questions: int = field(default=400, metadata={"help": "training problems for the ORM"})
     orm_samples: int = field(default=8, metadata={"help": "policy chains per ORM problem"})
     orm_steps: int = field(default=300, metadata={"help": "ORM training steps (32 chains each)"})
+    orm_thresholds: list[float] = field(default_factory=lambda: [0.0], metadata={
+        "help": "more local-score thresholds to run the ORM judge at, beside --score-threshold"})
     oracle_accuracy: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                                          metadata={"help": "accuracies of the noisy oracle judges"})
     close_margin: float = field(default=0.25, metadata={
@@ -365,9 +367,10 @@ def main(argv=None):
         rows.append((f"majority@{len(chains[0])}",
                      summarize(problems, answers, [len(c) for c in chains], kinds)))
     # the ORM's probabilities rarely reach the threshold of 6 / 10, which then drops every chain
-    # (and AoR falls back to voting): "threshold 0" shows what its ranking alone does
-    judges = [("constant", ConstantJudge(), aor_cfg), ("ORM", orm_judge, aor_cfg),
-              ("ORM, threshold 0", orm_judge, replace(aor_cfg, score_threshold=0.0))]
+    # (and AoR falls back to voting): lower thresholds show what its ranking does
+    judges = [("constant", ConstantJudge(), aor_cfg), ("ORM", orm_judge, aor_cfg)]
+    judges += [(f"ORM, threshold {t:g}", orm_judge, replace(aor_cfg, score_threshold=t))
+               for t in cfg.orm_thresholds]
     judges += [(f"oracle {a:g}", NoisyOracleJudge(a, seed=cfg.seed), aor_cfg)
                for a in cfg.oracle_accuracy]
     dynamic_rows = []
