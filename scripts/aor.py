@@ -12,8 +12,9 @@
    in the same order: voting and AoR without dynamic sampling read the first `--initial-samples`;
    dynamic sampling draws from the rest, `--extra-samples` at a time.
 3. Judges: the outcome reward model of `minillm.o1`, trained on the policy's samples of training
-   problems of the same level (cached in `--out-dir`), at the paper's threshold and at threshold 0;
-   the noisy oracle of each `--oracle-accuracy`; the constant judge (which must equal voting).
+   problems of the same level (cached in `--out-dir`), at the paper's threshold and at each of
+   `--orm-thresholds` (its probabilities x 10 seldom reach 6); the noisy oracle of each
+   `--oracle-accuracy`; the constant judge (which must equal voting).
 4. Prints how well the ORM ranks the chains (AUC), then accuracy overall, on "minority" questions
    (the right answer is among the first `--initial-samples` chains but on fewer than half of them)
    and on "outvoted" questions (it is among them but some wrong answer has at least as many), for
