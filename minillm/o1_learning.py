@@ -218,6 +218,22 @@ def preference_pairs(groups: Sequence[Sequence[Rollout]], per_question: int,
     return pairs
 
 
+def cut_at_first_difference(chosen: Sequence[int], rejected: Sequence[int],
+                            step_ends: set[int]) -> tuple[list[int], list[int]]:
+    """A pair cut to a step-level preference (as in Step-DPO, Lai et al. 2024, with the step found
+    from the pair itself): both chains up to the end of the first step where they differ (the
+    first token in `step_ends`, e.g. the newline tokens, at or after the first differing token).
+    Their common prefix cancels in DPO's margin anyway; what is cut is the rejected chain's
+    continuation of its error, whose tokens are often right given that error."""
+    first = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                 min(len(chosen), len(rejected)))
+
+    def cut(ids):
+        end = next((i for i in range(first, len(ids)) if ids[i] in step_ends), len(ids) - 1)
+        return list(ids[:end + 1])
+    return cut(chosen), cut(rejected)
+
+
 # --- rounds ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -246,6 +262,8 @@ class LearnConfig:
         "help": "weight of the chosen chains' NLL added to the DPO loss (IRPO, Pang et al. 2024); "
                 "0: plain DPO"})
     pairs_per_question: int = 2
+    dpo_cut: bool = field(default=False, metadata={
+        "help": "DPO compares a pair only up to the end of the first step where it differs"})
     seed: int = 0
 
     def validate(self) -> None:
@@ -420,6 +438,7 @@ def run_rounds(cfg: LearnConfig, policy: GPT, tokenizer: Tokenizer, questions: S
         log(f"{cfg.method}: resuming after round {state['round']} from {state_path}")
     data: list[list[list[int]]] = state["data"]  # expert iteration's kept chains: [prompt, completion]
     history: list[dict] = state["history"]
+    step_ends = {t for t in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([t])}
     sft_pairs = [(tokenizer.encode_ordinary(prompt(p)),
                   tokenizer.encode_ordinary(p.solution) + [tokenizer.eot_id]) for p in sft_examples]
 
@@ -466,6 +485,8 @@ def run_rounds(cfg: LearnConfig, policy: GPT, tokenizer: Tokenizer, questions: S
                 losses = grpo_steps(policy, reference, optimizer, groups, cfg, rng, pad_id)
             else:
                 pairs = preference_pairs(groups, cfg.pairs_per_question, rng)
+                if cfg.dpo_cut:
+                    pairs = [_cut_pair(a, b, step_ends) for a, b in pairs]
                 record["pairs"] = len(pairs)
                 if pairs:
                     losses = dpo_steps(policy, reference, optimizer, pairs, cfg, rng, pad_id)
@@ -478,6 +499,11 @@ def run_rounds(cfg: LearnConfig, policy: GPT, tokenizer: Tokenizer, questions: S
         save(rnd)
     policy.to(device)
     return history
+
+
+def _cut_pair(chosen: Rollout, rejected: Rollout, step_ends: set[int]) -> tuple[Rollout, Rollout]:
+    a, b = cut_at_first_difference(chosen.completion, rejected.completion, step_ends)
+    return dataclasses.replace(chosen, completion=a), dataclasses.replace(rejected, completion=b)
 
 
 def _cpu_copy(model: GPT) -> dict:
@@ -494,7 +520,7 @@ def _describe(record: dict) -> str:
     return " | ".join(parts)
 
 
-__all__ = ["LearnConfig", "METHODS", "Rollout", "TokenBatch", "best_chains", "dpo_loss", "dpo_steps",
+__all__ = ["LearnConfig", "METHODS", "Rollout", "TokenBatch", "best_chains", "cut_at_first_difference", "dpo_loss", "dpo_steps",
            "greedy_accuracy", "group_advantages", "grpo_loss", "grpo_steps", "kl_exact", "kl_k3",
            "load_round_state", "make_batch", "preference_pairs", "run_rounds", "sample_rollouts",
            "sequence_logprobs", "sft_steps", "token_logprobs", "verified_chains"]

@@ -3,6 +3,9 @@
     python scripts/o1_learn.py                 # the default run (README: numbers and time measured)
     python scripts/o1_learn.py --tiny          # a smoke run of a few seconds (the test)
 
+The setting is the one where learning from search has something to learn from: worked solutions
+are few (`--policy-problems-per-level` per level), questions with checkable answers are many.
+
 Steps:
 1. The policy: `minillm.o1.train_policy` (pretraining + SFT on worked solutions of
    `--policy-levels`), trained once and cached in `OUT_DIR/policy`.
@@ -12,7 +15,8 @@ Steps:
    their answers, through the checker, never their worked solutions), and the control (`sft`)
    continues plain SFT on the policy's original worked solutions. Same optimizer, same steps.
 3. After every round: greedy accuracy on `--eval-problems` held-out (test split) problems of
-   `--eval-level`, and of every question level.
+   `--eval-level` (by default 4 digits, harder than anything the policy or the learners saw) and
+   of every question level (3 digits by default).
 
 Each learner's rounds are checkpointed in `OUT_DIR/<method>.pt` (a killed run, started again,
 resumes at the round it was in); the table is printed and written to `OUT_DIR/results.json`.
@@ -45,19 +49,20 @@ class O1LearnConfig:
         "help": "learners compared with the SFT control: expert, grpo, dpo"})
     # the policy (minillm.o1.PolicyConfig)
     policy_levels: list[int] = field(default_factory=lambda: [1, 2, 3])
-    policy_problems_per_level: int = 3000
-    policy_pretrain_steps: int = 800
-    policy_sft_steps: int = 800
+    policy_problems_per_level: int = field(default=300, metadata={
+        "help": "worked solutions per level for the policy (few: questions outnumber solutions)"})
+    policy_pretrain_steps: int = 400
+    policy_sft_steps: int = 400
     # the experiment
     question_levels: list[int] = field(default_factory=lambda: [3], metadata={
         "help": "levels whose train-split questions the learners sample on (answers only)"})
     eval_level: int = field(default=4, metadata={"help": "the held-out level (test split)"})
     eval_problems: int = 200
-    rounds: int = 4
-    steps_per_round: int = 16
+    rounds: int = 8
+    steps_per_round: int = 32
     batch_size: int = 16
-    lr: float = 3e-4
-    questions_per_round: int = 32
+    lr: float = 3e-5
+    questions_per_round: int = 64
     group_size: int = 8
     temperature: float = 1.0
     max_new_tokens: int = 64
@@ -67,6 +72,8 @@ class O1LearnConfig:
     dpo_beta: float = 0.1
     dpo_nll_coef: float = field(default=0.0, metadata={
         "help": "NLL of the chosen chains added to DPO's loss (IRPO); 0: plain DPO"})
+    dpo_cut: bool = field(default=False, metadata={
+        "help": "DPO pairs compared up to the end of their first differing step (step-level)"})
     seed: int = 0
     threads: int = field(default=1, metadata={
         "help": "torch CPU threads (a tiny model gains nothing from more on a shared machine)"})

@@ -21,6 +21,15 @@ from minillm.tokenizer import train_bpe
 PROBLEMS = Arithmetic().problems(level=1, n=40, split="train", seed=0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and much faster on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return train_bpe([prompt(p) + p.solution for p in PROBLEMS], vocab_size=300)
@@ -153,6 +162,17 @@ def test_preference_pairs_are_a_correct_and_a_wrong_chain_of_one_question(tok):
     assert all(a.problem == b.problem == p and a.reward == 1 and b.reward == 0 for a, b in pairs)
 
 
+def test_a_pair_is_cut_after_its_first_differing_step():
+    nl = 9
+    chosen = [1, 2, nl, 3, 4, nl, 5, 6, nl]
+    rejected = [1, 2, nl, 3, 7, 7, nl, 8, nl]
+    assert ol.cut_at_first_difference(chosen, rejected, {nl}) == ([1, 2, nl, 3, 4, nl],
+                                                                  [1, 2, nl, 3, 7, 7, nl])
+    # a chain that ends without a step end is kept whole; a prefix pair differs at the shorter end
+    assert ol.cut_at_first_difference([1, 2], [1, 3, 4], {nl}) == ([1, 2], [1, 3, 4])
+    assert ol.cut_at_first_difference([1, nl], [1, nl, 5, nl], {nl}) == ([1, nl], [1, nl, 5, nl])
+
+
 # --- the methods move the policy the right way ---
 
 def test_grpo_and_dpo_steps_raise_the_likelihood_of_correct_chains(tok):
@@ -194,11 +214,13 @@ def _run(tok, cfg, path, log=lambda s: None):
     return policy, [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
 
-@pytest.mark.parametrize("method", ["expert", "grpo", "dpo", "sft"])
+@pytest.mark.parametrize("method", ["expert", "grpo", "grpo-exact", "dpo", "dpo-cut-nll", "sft"])
 def test_a_killed_run_resumes_at_its_round_and_matches_an_uninterrupted_one(tok, tmp_path, method,
                                                                              monkeypatch):
-    cfg = dict(method=method, steps_per_round=2, batch_size=4, questions_per_round=4, group_size=3,
-               max_new_tokens=24, lr=1e-3, temperature=1.5)
+    variants = {"grpo-exact": dict(kl_estimator="exact"), "dpo-cut-nll": dict(dpo_cut=True,
+                                                                              dpo_nll_coef=0.5)}
+    cfg = dict(method=method.split("-")[0], steps_per_round=2, batch_size=4, questions_per_round=4,
+               group_size=3, max_new_tokens=24, lr=1e-3, temperature=1.5, **variants.get(method, {}))
     # an untrained policy is never right: a checker that accepts even lengths gives every method
     # mixed rewards, so kept chains (expert), advantages (grpo) and pairs (dpo) are exercised
     monkeypatch.setattr(ol, "check", lambda problem, text: len(text) % 2 == 0)
@@ -259,8 +281,7 @@ def test_script_runs_at_a_tiny_size_and_a_second_run_resumes(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("o1_learn_script", root / "scripts/o1_learn.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    cfg = script.O1LearnConfig(out_dir=str(tmp_path), tiny=True,
-                               threads=torch.get_num_threads())  # leave the session's setting alone
+    cfg = script.O1LearnConfig(out_dir=str(tmp_path), tiny=True, threads=1)
     first = script.main(cfg)
     results = first["results"]
     assert list(results) == ["sft", "expert", "grpo", "dpo"]
