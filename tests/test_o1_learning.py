@@ -152,6 +152,32 @@ def test_expert_iteration_keeps_only_verified_chains(tok):
     assert len(verified_chains(groups, per_question=2, verify=lambda *_: True)) == 3
 
 
+def test_expert_iteration_by_scores_keeps_each_questions_best_chain(tok, tmp_path, monkeypatch):
+    p, q = PROBLEMS[0], PROBLEMS[1]
+    groups = [[rollout(p, t, tok) for t in ("a\n", "bbb\n", "cc\n")],
+              [rollout(q, t, tok) for t in ("dd\n", "e\n")]]
+    scores = [[0.1, 0.9, 0.5], [0.3, 0.3]]
+    assert [r.text for r in ol.best_chains(groups, scores)] == ["bbb\n", "dd\n"]  # first on ties
+    # in a round: the scorer (here: longest text wins) decides, never the checker
+    policy, questions, sft, evals = setup_run(tok)
+    monkeypatch.setattr(ol, "check", lambda problem, text: False)
+    cfg = LearnConfig(method="expert", keep="scores", rounds=1, steps_per_round=1, batch_size=2,
+                      questions_per_round=3, group_size=3, max_new_tokens=12, temperature=1.5)
+    with pytest.raises(UserError, match="scorer"):
+        run_rounds(cfg, policy, tok, questions, sft, evals, tmp_path / "x.pt", log=lambda s: None)
+    scored = []
+
+    def longest(problems, texts):
+        scored.append(texts)
+        return [float(len(t)) for t in texts]
+    history = run_rounds(cfg, policy, tok, questions, sft, evals, tmp_path / "s.pt",
+                         scorer=longest, log=lambda s: None)
+    assert history[1]["kept"] == 3 and history[1]["steps"] == 1 and len(scored) == 3
+    data = ol.load_round_state(tmp_path / "s.pt", cfg)["data"]
+    for texts, (_, completion) in zip(scored, data):
+        assert tok.decode(completion).startswith(max(texts, key=len))
+
+
 def test_preference_pairs_are_a_correct_and_a_wrong_chain_of_one_question(tok):
     p, q = PROBLEMS[0], PROBLEMS[1]
     wrong = [p.solution.replace(f"A: {p.answer}", f"A: {k}") for k in (1001, 1002, 1003)]
