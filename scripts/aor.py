@@ -1,7 +1,7 @@
 """AoR against majority voting on the arithmetic task, with a minillm policy and several judges.
 
     python scripts/aor.py                 # the default run (its measured time: README, "AoR")
-    python scripts/aor.py --tiny          # a seconds-long smoke run
+    python scripts/aor.py --tiny          # a seconds-long smoke run (in out/aor-tiny)
 
 1. The policy: `minillm.o1.train_policy` (a tiny GPT pretrained and fine-tuned on worked
    solutions) with the settings of `scripts/o1.py`, in its folder (`--policy-dir`, default
@@ -292,9 +292,9 @@ def load_orm(cfg: AoRScriptConfig, policy, ops: str, key: dict, out_dir: Path
 
 # --- main ----------------------------------------------------------------------------------------
 
-TINY = dict(questions=6, level=2, pretrain_steps=4, sft_steps=4, initial_samples=4,
-            max_samples=8, extra_samples=2, max_new_tokens=24, orm_questions=8, orm_samples=2,
-            orm_steps=3, oracle_accuracy=[0.5, 1.0])
+TINY = dict(out_dir="out/aor-tiny", questions=6, level=2, pretrain_steps=4, sft_steps=4,
+            initial_samples=4, max_samples=8, extra_samples=2, max_new_tokens=24, orm_questions=8,
+            orm_samples=2, orm_steps=3, oracle_accuracy=[0.5, 1.0])
 
 
 def resolve(cfg: AoRScriptConfig, argv: list[str] | None = None) -> AoRScriptConfig:
