@@ -43,7 +43,7 @@ Judges (`Judge`: `score(problem, chains, stage) -> scores in [0, 10]`, stage "lo
 cannot be read gets `missing_score`, 0 by default, and is counted); `ORMJudge` over a trained
 outcome reward model (10 x its probability that the chain is right); `NoisyOracleJudge`, which knows
 the right answer and tells the truth about a chain with probability `accuracy` (deterministic per
-seed and chain); `ConstantJudge`.
+seed, stage and chain); `ConstantJudge`.
 """
 
 from __future__ import annotations
