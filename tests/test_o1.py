@@ -12,6 +12,15 @@ from minillm.model import GPT, ModelConfig
 from minillm.tasks import make_problem, prompt
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (two contend on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class ScriptedLM:
     """A `LanguageModel` that follows a script: `script[text]` lists what may follow `text`, handed
     out in turn (cycling). A generation takes the next option of its prompt, then goes on from
