@@ -108,7 +108,7 @@ class PolicyConfig:
     n_embd: int = 64
     block_size: int = 128
     pretrain_steps: int = 200
-    sft_steps: int = 200
+    sft_steps: int = 400
     batch_size: int = 16
     lr: float = 3e-3
     seed: int = 0
