@@ -272,12 +272,14 @@ def shaped_rewards(values: Sequence[float], outcome: float, initial: float, gamm
 
 class RewardModel(nn.Module):
     """P(correct) of a chain or a prefix of one: a GPT backbone (a copy of the policy) read at the
-    last token of prompt + text, a linear head, a sigmoid. Beside the hidden state, the head sees
-    the backbone's confidence in the chain so far (lowest and mean token log-probability): at this
-    size a head on the hidden state alone barely ranks chains (held-out AUC 0.52, measured), while
-    the policy's own lowest token log-probability ranks them at 0.89. The two kinds differ in their training
-    data only: `OutcomeRewardModel` learns outcome labels at a chain's last step,
-    `ProcessRewardModel` Monte-Carlo step values at every step."""
+    last token of prompt + text, a linear head, a sigmoid. Beside the hidden state, two learned
+    weights see the policy's confidence in the chain so far (lowest and mean token log-probability
+    under a frozen copy of the policy). Why: on 240 held-out chains sampled at temperature 0.7 from
+    the default policy of scripts/o1.py, a head on the hidden state alone ranked right above wrong
+    chains with AUC 0.52 (ORM) and 0.62 (PRM), while the policy's lowest token log-probability alone
+    ranks them at 0.89; with both, 0.88 and 0.86. The two kinds differ in their training data only:
+    `OutcomeRewardModel` learns outcome labels at a chain's last step, `ProcessRewardModel`
+    Monte-Carlo step values at every step."""
 
     kind = "reward"
 
@@ -384,7 +386,8 @@ class RewardModel(nn.Module):
             raise UserError(f"{path}: not a reward model written by RewardModel.save")
         kinds = {"orm": OutcomeRewardModel, "prm": ProcessRewardModel}
         if cls is not RewardModel and kinds.get(blob["kind"]) is not cls:
-            raise UserError(f"{path} holds a reward model of kind {blob['kind']!r}, not {cls.kind!r}")
+            raise UserError(f"{path} holds a reward model of kind {blob['kind']!r}, "
+                            f"not {cls.kind!r}")
         rm = kinds[blob["kind"]](GPT(ModelConfig(**blob["config"])),
                                  tokenizer_from_dict(blob["tokenizer"]))
         rm.load_state_dict(blob["model"])
@@ -473,8 +476,8 @@ def train_reward_model(cls: type[RewardModel], policy: GPT, tokenizer: Tokenizer
         rows, order = order[:batch_size], order[batch_size:]
         ids_BT, pos_BK = rm._batch([encoded[i] for i in rows])
         K = pos_BK.shape[1]
-        target_BK = torch.tensor([targets[i] + [float("nan")] * (K - len(targets[i])) for i in rows],
-                                 device=ids_BT.device)
+        target_BK = torch.tensor([targets[i] + [float("nan")] * (K - len(targets[i]))
+                                  for i in rows], device=ids_BT.device)
         labelled_BK = ~target_BK.isnan()
         logits_BK = rm.logits(ids_BT, pos_BK)
         loss = F.binary_cross_entropy_with_logits(logits_BK[labelled_BK], target_BK[labelled_BK])
@@ -737,7 +740,8 @@ def mcts(lm: LanguageModel, scorer: Scorer, problem: Problem, limit: int, childr
     the scorer's value of a chain sampled on from it, up to `rollout_tokens` tokens), backup of each
     value to the root. A child that ends the chain is closed (never selected again). Stops when the
     budget cannot cover an expansion (with its rollouts) or the whole tree is closed; answers with
-    the best-scored complete chain seen (ended children and rollouts), else the most visited path."""
+    the best-scored complete chain seen (ended children and rollouts), else the most visited
+    path."""
     if evaluation not in ("prm", "rollout"):
         raise UserError(f"MCTS evaluation {evaluation!r}: expected prm or rollout")
     budget, seeds, q = TokenBudget(lm, limit), _seeds(seed), prompt(problem)

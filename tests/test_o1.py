@@ -64,7 +64,7 @@ S1, S2, ANS = P.steps[0], P.steps[1], "A: 82"
 WRONG1 = "7+5+0=13, write 3 carry 1"
 
 
-# --- Monte-Carlo step values and shaping -----------------------------------------------------------
+# --- Monte-Carlo step values and shaping ----------------------------------------------------------
 
 def test_mc_step_values_on_a_scripted_policy_equal_the_hand_computation():
     after_s1 = Q + o1.chain_text([S1])
@@ -83,7 +83,8 @@ def test_mc_step_values_on_a_scripted_policy_equal_the_hand_computation():
     # the second chain's first two steps share prefixes with the first: the script keeps turning,
     # so they see the same four completions again (the scripted cycle has length 4)
     assert values == [[3 / 4, 2 / 4, 1.0], [3 / 4, 2 / 4, 0.0], [1 / 4]]
-    assert tokens == (2 * sum(map(len, lm.script[after_s1])) + 2 * sum(map(len, lm.script[after_s2]))
+    assert tokens == (2 * sum(map(len, lm.script[after_s1]))
+                      + 2 * sum(map(len, lm.script[after_s2]))
                       + sum(map(len, lm.script[after_wrong])))
     assert len(lm.calls) == 1 and len(lm.calls[0][0]) == 5 * 4  # one batched call, 5 prefixes x 4
 
@@ -105,7 +106,7 @@ def test_shaped_rewards_telescope_to_the_outcome_minus_the_initial_value():
     assert discounted == pytest.approx([0.5 * 0.5 - 0.25, 0.5 * 0.75 - 0.5, 1.0 - 0.75])
 
 
-# --- reward models ---------------------------------------------------------------------------------
+# --- reward models --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tok():
@@ -175,7 +176,8 @@ def test_the_orm_learns_the_checker_labels_of_sampled_chains(tok, tmp_path):
     policy = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
                              n_embd=16))
     chains = [P.solution, f"{WRONG1}\nA: 83\n", ""]
-    assert [e.targets for e in o1.outcome_examples([P], [chains])] == [[None, None, 1.0], [None, 0.0]]
+    examples = o1.outcome_examples([P], [chains])
+    assert [e.targets for e in examples] == [[None, None, 1.0], [None, 0.0]]
     orm = o1.train_orm(policy, tok, [P], [chains], steps=60, batch_size=2, lr=3e-3, log=None)
     right, wrong = orm.score([P, P], chains[:2])
     assert right > 0.9 and wrong < 0.1
@@ -191,7 +193,7 @@ def test_process_examples_carry_the_mc_values_of_every_step():
     assert tokens == len(f"{S2}\nA: 82\n") + len("A: 1\n")
 
 
-# --- token budgets ---------------------------------------------------------------------------------
+# --- token budgets --------------------------------------------------------------------------------
 
 def test_token_budget_charges_completion_tokens_and_refuses_what_it_cannot_cover():
     lm = ScriptedLM({Q: ["abc", "abcdefgh"]})
@@ -204,7 +206,7 @@ def test_token_budget_charges_completion_tokens_and_refuses_what_it_cannot_cover
     assert budget.spent == 11 and budget.affordable(5) == 1
 
 
-# --- policy initialisation -------------------------------------------------------------------------
+# --- policy initialisation ------------------------------------------------------------------------
 
 def tiny_policy_config(**kw):
     return o1.PolicyConfig(**{**dict(levels=[1, 2], problems_per_level=40, n_layer=1, n_embd=16,
@@ -239,7 +241,7 @@ def test_a_killed_policy_stage_resumes_exactly_and_a_trained_policy_is_reused(tm
     assert [len(x) for x in out] == [3, 3] and all(c.completion_tokens <= 8 for x in out for c in x)
 
 
-# --- search ----------------------------------------------------------------------------------------
+# --- search ---------------------------------------------------------------------------------------
 
 def test_uct_prefers_unvisited_then_trades_value_for_exploration_and_backup_reaches_the_root():
     root = o1.Node("", visits=11, value_sum=10.4)
@@ -366,7 +368,7 @@ def test_majority_vote_and_best_of_n_select_as_defined():
     assert o1.best_of_n(chains, P, Length()) == "no answer\n"
 
 
-# --- the script ------------------------------------------------------------------------------------
+# --- the script -----------------------------------------------------------------------------------
 
 def test_the_script_runs_at_a_tiny_size_within_its_budgets_and_reuses_what_it_trained(tmp_path,
                                                                                       capsys):
