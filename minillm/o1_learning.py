@@ -14,7 +14,8 @@ the policy is trained on that signal, round after round. Three ways to learn, ea
   every token of a chain; the PPO clipped ratio objective against the sampling policy; a per-token
   KL penalty to the frozen reference policy, by Schulman's k3 estimator (`kl_estimator="k3"`, what
   DeepSeekMath uses) or exactly over the vocabulary (`"exact"`). The reward is the checker's
-  outcome (1 correct, 0 not).
+  outcome (1 correct, 0 not), or, with `grpo_rewards="process"`, a step scorer's per-step rewards
+  (e.g. a process reward model's), as DeepSeekMath's process supervision.
 - `dpo`: Direct Preference Optimization (Rafailov et al. 2023) on pairs from sampling, a verified
   chain (chosen) and a wrong one (rejected) of the same question, with the frozen reference policy.
   `dpo_nll_coef` > 0 adds the chosen chains' length-normalised NLL, as Iterative Reasoning
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from .errors import UserError
 from .generate import LocalLM
 from .model import GPT, load_torch_file
-from .tasks import Problem, check, prompt
+from .tasks import Problem, check, prompt, split_steps
 from .tokenizer import Tokenizer
 from .train import save_checkpoint
 
@@ -124,6 +125,37 @@ def kl_exact(logp_BTV: torch.Tensor, ref_logp_BTV: torch.Tensor) -> torch.Tensor
     """KL(pi || ref) of the next-token distributions at every position (B, T): a sum over the
     vocabulary, exact where k3 samples one token."""
     return (logp_BTV.exp() * (logp_BTV - ref_logp_BTV)).sum(-1)
+
+
+def process_advantages(step_rewards: Sequence[Sequence[float]], eps: float = 1e-4) -> list[list[float]]:
+    """GRPO's process supervision (DeepSeekMath 4.1.3) for one group: every step reward is
+    normalised by the mean and population std of all step rewards in the group, and a step's
+    advantage is the sum of the normalised rewards of that step and of the steps after it.
+    Returns one advantage per step of every chain."""
+    flat = [r for rewards in step_rewards for r in rewards]
+    if not flat:
+        return [[] for _ in step_rewards]
+    mean = sum(flat) / len(flat)
+    std = (sum((r - mean) ** 2 for r in flat) / len(flat)) ** 0.5
+    out = []
+    for rewards in step_rewards:
+        normed = [(r - mean) / (std + eps) for r in rewards]
+        out.append([sum(normed[j:]) for j in range(len(normed))])
+    return out
+
+
+def token_advantages(completion: Sequence[int], step_advantages: Sequence[float],
+                     step_ends: set[int]) -> list[float]:
+    """Each completion token's advantage: that of the step it belongs to (step j holds the tokens
+    after the j-th step end, up to and including the next one; tokens past the last scored step,
+    such as <|endoftext|>, count to the last step). A chain with no step gets zeros."""
+    if not step_advantages:
+        return [0.0] * len(completion)
+    out, step = [], 0
+    for token in completion:
+        out.append(step_advantages[min(step, len(step_advantages) - 1)])
+        step += token in step_ends
+    return out
 
 
 def grpo_loss(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages: torch.Tensor,
@@ -257,6 +289,8 @@ class LearnConfig:
     kl_coef: float = 0.04
     kl_estimator: str = field(default="k3", metadata={"help": "k3 or exact"})
     adv_eps: float = 1e-4
+    grpo_rewards: str = field(default="outcome", metadata={
+        "help": "outcome (the checker's, per chain) or process (a step scorer's, per step)"})
     dpo_beta: float = 0.1
     dpo_nll_coef: float = field(default=0.0, metadata={
         "help": "weight of the chosen chains' NLL added to the DPO loss (IRPO, Pang et al. 2024); "
@@ -271,6 +305,8 @@ class LearnConfig:
             raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
         if self.keep not in ("verified", "scores"):
             raise UserError(f"--keep {self.keep!r}: expected verified or scores")
+        if self.grpo_rewards not in ("outcome", "process"):
+            raise UserError(f"--grpo-rewards {self.grpo_rewards!r}: expected outcome or process")
         if self.kl_estimator not in ("k3", "exact"):
             raise UserError(f"--kl-estimator {self.kl_estimator!r}: expected k3 or exact")
         for name in ("rounds", "steps_per_round", "batch_size", "questions_per_round",
@@ -316,13 +352,26 @@ def sft_steps(model: GPT, optimizer, examples: Sequence[tuple[list[int], list[in
 
 
 def grpo_steps(model: GPT, reference: GPT, optimizer, groups: Sequence[Sequence[Rollout]],
-               cfg: LearnConfig, rng: random.Random, pad_id: int) -> list[float]:
+               cfg: LearnConfig, rng: random.Random, pad_id: int,
+               step_scorer: Callable[[Problem, list[str]], list[float]] | None = None,
+               step_ends: set[int] | None = None) -> list[float]:
     """GRPO updates on one round's groups: advantages per group, the sampling policy's and the
-    reference's log-probs computed once, then `steps_per_round` clipped updates on minibatches."""
+    reference's log-probs computed once, then `steps_per_round` clipped updates on minibatches.
+    Outcome advantages (the checker's reward, one per chain) by default; with a `step_scorer`
+    (e.g. a process reward model's `score_steps`) process advantages per token, the chains'
+    steps (`tasks.split_steps`) ending at the tokens in `step_ends`."""
     device = model.wte.weight.device
-    rewards_NG = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float32)
-    adv_N = group_advantages(rewards_NG, cfg.adv_eps).reshape(-1)
     rollouts = [r for g in groups for r in g]
+    if step_scorer is None:
+        rewards_NG = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float32)
+        adv = [[a] * len(r.completion) for a, r in
+               zip(group_advantages(rewards_NG, cfg.adv_eps).reshape(-1).tolist(), rollouts)]
+    else:
+        adv = []
+        for g in groups:
+            per_step = process_advantages([step_scorer(r.problem, split_steps(r.text)) for r in g],
+                                          cfg.adv_eps)
+            adv += [token_advantages(r.completion, a, step_ends) for r, a in zip(g, per_step)]
     old = []  # log-probs under the sampling policy pi_old (the policy as it is now), per chain
     with torch.no_grad():
         for start in range(0, len(rollouts), 64):
@@ -335,8 +384,11 @@ def grpo_steps(model: GPT, reference: GPT, optimizer, groups: Sequence[Sequence[
         chosen = [rollouts[i] for i in idx]
         batch = make_batch([r.prompt_ids for r in chosen], [r.completion for r in chosen], pad_id, device)
         old_BT = torch.zeros_like(batch.mask, dtype=torch.float32)
+        adv_BT = torch.zeros_like(old_BT)
         for b, i in enumerate(idx):
             old_BT[b, :len(old[i])] = old[i]
+            start = len(rollouts[i].prompt_ids) - 1  # the first completion token's target slot
+            adv_BT[b, start:start + len(adv[i])] = torch.tensor(adv[i])
         exact = cfg.kl_estimator == "exact"
         with torch.no_grad():
             ref = token_logprobs(reference, batch, full=exact)
@@ -346,8 +398,7 @@ def grpo_steps(model: GPT, reference: GPT, optimizer, groups: Sequence[Sequence[
         else:
             logp_BT = token_logprobs(model, batch)
             kl_BT = kl_k3(logp_BT, ref)
-        loss = grpo_loss(logp_BT, old_BT, adv_N[idx].to(device), batch.mask, kl_BT,
-                         cfg.clip_eps, cfg.kl_coef)
+        loss = grpo_loss(logp_BT, old_BT, adv_BT, batch.mask, kl_BT, cfg.clip_eps, cfg.kl_coef)
         _step(model, optimizer, loss, cfg.grad_clip)
         losses.append(loss.item())
     return losses
@@ -404,20 +455,23 @@ def load_round_state(path: Path, cfg: LearnConfig) -> dict | None:
 def run_rounds(cfg: LearnConfig, policy: GPT, tokenizer: Tokenizer, questions: Sequence[Problem],
                sft_examples: Sequence[Problem], eval_sets: dict[str, Sequence[Problem]],
                state_path: str | Path, scorer: Callable | None = None,
-               log: Callable[[str], None] = print) -> list[dict]:
+               step_scorer: Callable | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Train `policy` in place for `cfg.rounds` rounds of `cfg.method`; returns one record per
     round, round 0 being the policy before learning: greedy accuracy on each of `eval_sets`,
     and what the round did (mean sampled reward, chains kept, pairs, steps, mean loss, seconds).
 
     `questions` are the problems that sampling draws from (only their answers are used, through
     the checker); `sft_examples` are the problems whose worked solutions the `sft` control trains
-    on. `scorer(problems, texts) -> scores` ranks chains for `keep="scores"`. The reference policy
+    on. `scorer(problems, texts) -> scores` ranks chains for `keep="scores"`;
+    `step_scorer(problem, steps) -> one score per step` gives GRPO's `grpo_rewards="process"`. The reference policy
     of GRPO and DPO is a frozen copy of `policy` as given. After every round the state is written
     to `state_path`; when that file exists the run continues from it (`policy`'s weights are then
     replaced by the saved ones, and the reference is the saved initial policy)."""
     cfg.validate()
     if cfg.keep == "scores" and cfg.method == "expert" and scorer is None:
         raise UserError("--keep scores needs a scorer (an outcome reward model)")
+    if cfg.grpo_rewards == "process" and cfg.method == "grpo" and step_scorer is None:
+        raise UserError("--grpo-rewards process needs a step scorer (a process reward model)")
     state_path = Path(state_path)
     device = policy.wte.weight.device
     pad_id = tokenizer.eot_id
@@ -482,7 +536,9 @@ def run_rounds(cfg: LearnConfig, policy: GPT, tokenizer: Tokenizer, questions: S
                 if data:
                     losses = sft_steps(policy, optimizer, [tuple(d) for d in data], cfg, rng, pad_id)
             elif cfg.method == "grpo":
-                losses = grpo_steps(policy, reference, optimizer, groups, cfg, rng, pad_id)
+                losses = grpo_steps(policy, reference, optimizer, groups, cfg, rng, pad_id,
+                                    step_scorer if cfg.grpo_rewards == "process" else None,
+                                    step_ends)
             else:
                 pairs = preference_pairs(groups, cfg.pairs_per_question, rng)
                 if cfg.dpo_cut:
@@ -522,5 +578,5 @@ def _describe(record: dict) -> str:
 
 __all__ = ["LearnConfig", "METHODS", "Rollout", "TokenBatch", "best_chains", "cut_at_first_difference", "dpo_loss", "dpo_steps",
            "greedy_accuracy", "group_advantages", "grpo_loss", "grpo_steps", "kl_exact", "kl_k3",
-           "load_round_state", "make_batch", "preference_pairs", "run_rounds", "sample_rollouts",
-           "sequence_logprobs", "sft_steps", "token_logprobs", "verified_chains"]
+           "load_round_state", "make_batch", "preference_pairs", "process_advantages", "run_rounds", "sample_rollouts",
+           "sequence_logprobs", "sft_steps", "token_advantages", "token_logprobs", "verified_chains"]

@@ -102,6 +102,20 @@ def test_grpo_loss_by_hand():
     assert lp.grad[0, 0] == 0 and lp.grad[0, 1] != 0 and lp.grad[0, 2] == 0
 
 
+def test_process_advantages_by_hand():
+    # one group: chain 1 has steps rewarded 1, 0; chain 2 has one step rewarded 1
+    # all step rewards: mean 2/3, population std sqrt(2/9)
+    m, sd = 2 / 3, math.sqrt(2 / 9)
+    got = ol.process_advantages([[1.0, 0.0], [1.0]], eps=0.0)
+    n1, n0 = (1 - m) / sd, (0 - m) / sd
+    assert got[0] == pytest.approx([n1 + n0, n0]) and got[1] == pytest.approx([n1])
+    assert ol.process_advantages([[], []]) == [[], []]
+    # tokens take their step's advantage; the step end belongs to its step; the tail to the last
+    nl = 9
+    assert ol.token_advantages([1, 2, nl, 3, nl, 0], [0.5, -1.0], {nl}) == [0.5, 0.5, 0.5, -1.0, -1.0, -1.0]
+    assert ol.token_advantages([1, 2], [], {nl}) == [0.0, 0.0]
+
+
 def test_dpo_loss_by_hand():
     chosen, rejected = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
     ref_chosen, ref_rejected = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -2.5])
@@ -209,13 +223,20 @@ def test_grpo_and_dpo_steps_raise_the_likelihood_of_correct_chains(tok):
         r.completion = r.completion + [tok.eot_id]
     cfg = LearnConfig(steps_per_round=10, batch_size=4, lr=3e-3, kl_coef=0.0)
     batch = make_batch([r.prompt_ids for r in chains[:2]], [r.completion for r in chains[:2]], tok.eot_id)
-    for method in ("grpo", "dpo"):
+    step_ends = {t for t in range(tok.vocab_size) if "\n" in tok.decode([t])}
+
+    def oracle_steps(problem, steps):  # 1 for a step of the worked solution, 0 otherwise
+        return [float(a == b) for a, b in zip(steps, ol.split_steps(problem.solution))]
+    for method in ("grpo", "grpo-process", "dpo"):
         model, reference = tiny_gpt(tok), tiny_gpt(tok)
         with torch.no_grad():
             before = sequence_logprobs(model, batch)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         if method == "grpo":
             ol.grpo_steps(model, reference, opt, [chains], cfg, random.Random(0), tok.eot_id)
+        elif method == "grpo-process":
+            ol.grpo_steps(model, reference, opt, [chains], cfg, random.Random(0), tok.eot_id,
+                          oracle_steps, step_ends)
         else:
             ol.dpo_steps(model, reference, opt, [(chains[0], chains[1])], cfg, random.Random(0),
                          tok.eot_id)
@@ -234,17 +255,23 @@ def setup_run(tok):
     return policy, questions, PROBLEMS[:8], evals
 
 
+def scripted_step_scores(problem, steps):
+    return [float(len(step) % 2) for step in steps]
+
+
 def _run(tok, cfg, path, log=lambda s: None):
     policy, questions, sft, evals = setup_run(tok)
-    history = run_rounds(cfg, policy, tok, questions, sft, evals, path, log=log)
+    history = run_rounds(cfg, policy, tok, questions, sft, evals, path,
+                         step_scorer=scripted_step_scores, log=log)
     return policy, [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
 
-@pytest.mark.parametrize("method", ["expert", "grpo", "grpo-exact", "dpo", "dpo-cut-nll", "sft"])
+@pytest.mark.parametrize("method", ["expert", "grpo", "grpo-exact", "grpo-process", "dpo",
+                                    "dpo-cut-nll", "sft"])
 def test_a_killed_run_resumes_at_its_round_and_matches_an_uninterrupted_one(tok, tmp_path, method,
                                                                              monkeypatch):
-    variants = {"grpo-exact": dict(kl_estimator="exact"), "dpo-cut-nll": dict(dpo_cut=True,
-                                                                              dpo_nll_coef=0.5)}
+    variants = {"grpo-exact": dict(kl_estimator="exact"), "grpo-process": dict(grpo_rewards="process"),
+                "dpo-cut-nll": dict(dpo_cut=True, dpo_nll_coef=0.5)}
     cfg = dict(method=method.split("-")[0], steps_per_round=2, batch_size=4, questions_per_round=4,
                group_size=3, max_new_tokens=24, lr=1e-3, temperature=1.5, **variants.get(method, {}))
     # an untrained policy is never right: a checker that accepts even lengths gives every method
