@@ -10,7 +10,8 @@ On the verifiable arithmetic task of `minillm.tasks` (worked column solutions, o
 - Rewards. The outcome checker `tasks.check` labels training data and measures pass@N only: search
   never reads it (a search that did would be pass@N). `RewardModel` is a copy of the policy with a
   linear head on the final hidden state of a chain's last token (read by a forward hook on the
-  final norm), giving P(correct). Trained on outcome labels at the last step it is the outcome
+  final norm) and learned weights on the frozen policy's confidence in the chain (its lowest and
+  mean token log-probability), giving P(correct). Trained on outcome labels at the last step it is the outcome
   reward model (ORM); trained on Monte-Carlo step values (`mc_step_values`: the fraction of
   rollouts from a step that end correct, Wang et al. 2024 "Math-Shepherd") at every step it is the
   process reward model (PRM). `shaped_rewards` turns step values into potential-shaped step rewards
