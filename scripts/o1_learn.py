@@ -35,8 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm.cli import parse_config  # noqa: E402
 from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.o1 import PolicyConfig, policy_problems, task_problems, train_policy  # noqa: E402
-from minillm.o1_learning import METHODS, LearnConfig, run_rounds  # noqa: E402
+from minillm.o1 import (PolicyConfig, ProcessRewardModel, policy_problems, process_examples,  # noqa: E402
+                        task_problems, train_policy, train_prm)
+from minillm.o1_learning import METHODS, LearnConfig, run_rounds, sample_rollouts  # noqa: E402
 from minillm.tasks import Arithmetic  # noqa: E402
 
 
@@ -69,6 +70,12 @@ class O1LearnConfig:
     clip_eps: float = 0.2
     kl_coef: float = 0.04
     kl_estimator: str = field(default="k3", metadata={"help": "GRPO's KL: k3 or exact"})
+    grpo_rewards: str = field(default="outcome", metadata={
+        "help": "GRPO's rewards: outcome (the checker) or process (o1's PRM, per step)"})
+    prm_questions: int = field(default=64, metadata={"help": "process: questions the PRM learns on"})
+    prm_chains: int = field(default=4, metadata={"help": "process: sampled chains per question"})
+    prm_rollouts: int = field(default=4, metadata={"help": "process: rollouts per step (MC values)"})
+    prm_steps: int = field(default=200, metadata={"help": "process: PRM training steps"})
     dpo_beta: float = 0.1
     dpo_nll_coef: float = field(default=0.0, metadata={
         "help": "NLL of the chosen chains added to DPO's loss (IRPO); 0: plain DPO"})
@@ -84,6 +91,27 @@ def tiny(cfg: O1LearnConfig) -> O1LearnConfig:
         cfg, policy_levels=[1], policy_problems_per_level=100, policy_pretrain_steps=0,
         policy_sft_steps=12, question_levels=[1], eval_level=2, eval_problems=8, rounds=1,
         steps_per_round=2, batch_size=4, questions_per_round=4, group_size=3, max_new_tokens=32)
+
+
+def process_reward_model(cfg: O1LearnConfig, policy, questions, out: Path) -> ProcessRewardModel:
+    """o1's PRM on Monte-Carlo step values of the policy's own chains on training questions,
+    trained once and kept in OUT_DIR/prm.pt (with its settings beside it)."""
+    settings = {k: getattr(cfg, k) for k in ("prm_questions", "prm_chains", "prm_rollouts",
+                                             "prm_steps", "max_new_tokens", "seed")}
+    path, stamp = out / "prm.pt", out / "prm.json"
+    if path.is_file() and stamp.is_file():
+        if json.loads(stamp.read_text()) != settings:
+            raise UserError(f"{path} was trained with other settings ({stamp}): use another out dir")
+        return ProcessRewardModel.load(path)
+    problems = questions[-cfg.prm_questions:]  # the learners draw from all of them, by seed
+    groups = sample_rollouts(policy.model, policy.tokenizer, problems, cfg.prm_chains, 1.0,
+                             cfg.max_new_tokens, seed=cfg.seed + 11)
+    examples, _ = process_examples(policy.lm(), problems, [[r.text for r in g] for g in groups],
+                                   cfg.prm_rollouts, cfg.max_new_tokens, seed=cfg.seed + 12)
+    prm = train_prm(policy.model, policy.tokenizer, examples, cfg.prm_steps, seed=cfg.seed)
+    prm.save(path)
+    write_json(stamp, settings)
+    return prm
 
 
 def write_json(path: Path, obj) -> None:
@@ -132,12 +160,17 @@ def main(cfg: O1LearnConfig) -> dict:
     sft_examples = policy_problems(policy_cfg)  # the policy's own SFT data: its worked solutions
     learn_fields = {f.name for f in dataclasses.fields(LearnConfig)}
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in learn_fields}
+    step_scorer = None
+    if cfg.grpo_rewards == "process" and "grpo" in cfg.methods:
+        t1 = time.perf_counter()
+        step_scorer = process_reward_model(cfg, policy, questions, out).score_steps
+        print(f"process reward model ready ({time.perf_counter() - t1:.0f} s)", flush=True)
     results = {}
     for method in ["sft"] + list(cfg.methods):
         policy.model.load_state_dict(initial)
         learn = LearnConfig(method=method, **shared)
         results[method] = run_rounds(learn, policy.model, policy.tokenizer, questions, sft_examples,
-                                     eval_sets, out / f"{method}.pt",
+                                     eval_sets, out / f"{method}.pt", step_scorer=step_scorer,
                                      log=lambda s: print(s, flush=True))
     seconds = time.perf_counter() - t0
     summary = {"config": dataclasses.asdict(cfg), "results": results, "seconds": round(seconds, 1)}
