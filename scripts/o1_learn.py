@@ -18,6 +18,9 @@ Steps:
    `--eval-level` (by default 4 digits, harder than anything the policy or the learners saw) and
    of every question level (3 digits by default).
 
+`--grpo-rewards process` gives GRPO per-step rewards from o1's process reward model, trained
+first on Monte-Carlo step values of the policy's chains (`OUT_DIR/prm.pt`).
+
 Each learner's rounds are checkpointed in `OUT_DIR/<method>.pt` (a killed run, started again,
 resumes at the round it was in); the table is printed and written to `OUT_DIR/results.json`.
 """
@@ -141,6 +144,10 @@ def main(cfg: O1LearnConfig) -> dict:
     for level in cfg.question_levels + [cfg.eval_level]:
         if not 1 <= level <= 9:
             raise UserError(f"level {level}: expected 1-9 digits per operand")
+    learn_fields = {f.name for f in dataclasses.fields(LearnConfig)}
+    shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in learn_fields}
+    for method in ["sft"] + list(cfg.methods):  # every flag checked before anything is trained
+        LearnConfig(method=method, **shared).validate()
     out = Path(cfg.out_dir)
     t0 = time.perf_counter()
     policy_cfg = PolicyConfig(levels=cfg.policy_levels, problems_per_level=cfg.policy_problems_per_level,
@@ -158,8 +165,6 @@ def main(cfg: O1LearnConfig) -> dict:
     for level in [cfg.eval_level] + [q for q in cfg.question_levels if q != cfg.eval_level]:
         eval_sets[f"level{level}"] = task_problems(task, level, cfg.eval_problems, "test", cfg.seed)
     sft_examples = policy_problems(policy_cfg)  # the policy's own SFT data: its worked solutions
-    learn_fields = {f.name for f in dataclasses.fields(LearnConfig)}
-    shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in learn_fields}
     step_scorer = None
     if cfg.grpo_rewards == "process" and "grpo" in cfg.methods:
         t1 = time.perf_counter()
