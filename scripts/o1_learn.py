@@ -19,7 +19,9 @@ Steps:
    of every question level (3 digits by default).
 
 `--grpo-rewards process` gives GRPO per-step rewards from o1's process reward model, trained
-first on Monte-Carlo step values of the policy's chains (`OUT_DIR/prm.pt`).
+first on Monte-Carlo step values of the policy's chains (`OUT_DIR/prm.pt`); `--keep scores` has
+expert iteration keep each question's best chain by o1's outcome reward model (`OUT_DIR/orm.pt`)
+instead of the verified ones.
 
 Each learner's rounds are checkpointed in `OUT_DIR/<method>.pt` (a killed run, started again,
 resumes at the round it was in); the table is printed and written to `OUT_DIR/results.json`.
@@ -38,8 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm.cli import parse_config  # noqa: E402
 from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.o1 import (PolicyConfig, ProcessRewardModel, policy_problems, process_examples,  # noqa: E402
-                        task_problems, train_policy, train_prm)
+from minillm.o1 import (OutcomeRewardModel, PolicyConfig, ProcessRewardModel, canonical,  # noqa: E402
+                        policy_problems, process_examples, task_problems, train_orm, train_policy,
+                        train_prm)
 from minillm.o1_learning import METHODS, LearnConfig, run_rounds, sample_rollouts  # noqa: E402
 from minillm.tasks import Arithmetic  # noqa: E402
 
@@ -73,12 +76,16 @@ class O1LearnConfig:
     clip_eps: float = 0.2
     kl_coef: float = 0.04
     kl_estimator: str = field(default="k3", metadata={"help": "GRPO's KL: k3 or exact"})
+    keep: str = field(default="verified", metadata={
+        "help": "expert iteration keeps checker-verified chains (verified) or each question's "
+                "best chain by o1's outcome reward model (scores)"})
     grpo_rewards: str = field(default="outcome", metadata={
         "help": "GRPO's rewards: outcome (the checker) or process (o1's PRM, per step)"})
-    prm_questions: int = field(default=64, metadata={"help": "process: questions the PRM learns on"})
-    prm_chains: int = field(default=4, metadata={"help": "process: sampled chains per question"})
-    prm_rollouts: int = field(default=4, metadata={"help": "process: rollouts per step (MC values)"})
-    prm_steps: int = field(default=200, metadata={"help": "process: PRM training steps"})
+    rm_questions: int = field(default=64, metadata={
+        "help": "questions the reward model (ORM or PRM) learns on"})
+    rm_chains: int = field(default=4, metadata={"help": "sampled chains per reward-model question"})
+    prm_rollouts: int = field(default=4, metadata={"help": "PRM: rollouts per step (MC values)"})
+    rm_steps: int = field(default=200, metadata={"help": "reward-model training steps"})
     dpo_beta: float = 0.1
     dpo_nll_coef: float = field(default=0.0, metadata={
         "help": "NLL of the chosen chains added to DPO's loss (IRPO); 0: plain DPO"})
@@ -96,25 +103,34 @@ def tiny(cfg: O1LearnConfig) -> O1LearnConfig:
         steps_per_round=2, batch_size=4, questions_per_round=4, group_size=3, max_new_tokens=32)
 
 
-def process_reward_model(cfg: O1LearnConfig, policy, questions, out: Path) -> ProcessRewardModel:
-    """o1's PRM on Monte-Carlo step values of the policy's own chains on training questions,
-    trained once and kept in OUT_DIR/prm.pt (with its settings beside it)."""
-    settings = {k: getattr(cfg, k) for k in ("prm_questions", "prm_chains", "prm_rollouts",
-                                             "prm_steps", "max_new_tokens", "seed")}
-    path, stamp = out / "prm.pt", out / "prm.json"
+def reward_model(kind: str, cfg: O1LearnConfig, policy, questions, out: Path):
+    """o1's ORM (outcome labels from the checker) or PRM (Monte-Carlo step values) on the policy's
+    own chains on training questions, trained once and kept in OUT_DIR/<kind>.pt (its settings
+    beside it, in <kind>.json)."""
+    settings = {k: getattr(cfg, k) for k in ("rm_questions", "rm_chains", "rm_steps",
+                                             "max_new_tokens", "seed")}
+    if kind == "prm":
+        settings["prm_rollouts"] = cfg.prm_rollouts
+    cls = ProcessRewardModel if kind == "prm" else OutcomeRewardModel
+    path, stamp = out / f"{kind}.pt", out / f"{kind}.json"
     if path.is_file() and stamp.is_file():
         if json.loads(stamp.read_text()) != settings:
             raise UserError(f"{path} was trained with other settings ({stamp}): use another out dir")
-        return ProcessRewardModel.load(path)
-    problems = questions[-cfg.prm_questions:]  # the learners draw from all of them, by seed
-    groups = sample_rollouts(policy.model, policy.tokenizer, problems, cfg.prm_chains, 1.0,
+        return cls.load(path)
+    problems = questions[-cfg.rm_questions:]  # the learners draw from all of them, by seed
+    groups = sample_rollouts(policy.model, policy.tokenizer, problems, cfg.rm_chains, 1.0,
                              cfg.max_new_tokens, seed=cfg.seed + 11)
-    examples, _ = process_examples(policy.lm(), problems, [[r.text for r in g] for g in groups],
-                                   cfg.prm_rollouts, cfg.max_new_tokens, seed=cfg.seed + 12)
-    prm = train_prm(policy.model, policy.tokenizer, examples, cfg.prm_steps, seed=cfg.seed)
-    prm.save(path)
+    texts = [[r.text for r in g] for g in groups]
+    if kind == "prm":
+        examples, _ = process_examples(policy.lm(), problems, texts, cfg.prm_rollouts,
+                                       cfg.max_new_tokens, seed=cfg.seed + 12)
+        rm = train_prm(policy.model, policy.tokenizer, examples, cfg.rm_steps, seed=cfg.seed)
+    else:
+        rm = train_orm(policy.model, policy.tokenizer, problems, texts, cfg.rm_steps, seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    rm.save(path)
     write_json(stamp, settings)
-    return prm
+    return rm
 
 
 def write_json(path: Path, obj) -> None:
@@ -165,17 +181,25 @@ def main(cfg: O1LearnConfig) -> dict:
     for level in [cfg.eval_level] + [q for q in cfg.question_levels if q != cfg.eval_level]:
         eval_sets[f"level{level}"] = task_problems(task, level, cfg.eval_problems, "test", cfg.seed)
     sft_examples = policy_problems(policy_cfg)  # the policy's own SFT data: its worked solutions
-    step_scorer = None
+    scorer = step_scorer = None
+    if cfg.keep == "scores" and "expert" in cfg.methods:
+        t1 = time.perf_counter()
+        orm = reward_model("orm", cfg, policy, questions, out)
+
+        def scorer(problems, texts):  # o1's reward models read chains in canonical form
+            return orm.score(problems, [canonical(t) for t in texts])
+        print(f"outcome reward model ready ({time.perf_counter() - t1:.0f} s)", flush=True)
     if cfg.grpo_rewards == "process" and "grpo" in cfg.methods:
         t1 = time.perf_counter()
-        step_scorer = process_reward_model(cfg, policy, questions, out).score_steps
+        step_scorer = reward_model("prm", cfg, policy, questions, out).score_steps
         print(f"process reward model ready ({time.perf_counter() - t1:.0f} s)", flush=True)
     results = {}
     for method in ["sft"] + list(cfg.methods):
         policy.model.load_state_dict(initial)
         learn = LearnConfig(method=method, **shared)
         results[method] = run_rounds(learn, policy.model, policy.tokenizer, questions, sft_examples,
-                                     eval_sets, out / f"{method}.pt", step_scorer=step_scorer,
+                                     eval_sets, out / f"{method}.pt", scorer=scorer,
+                                     step_scorer=step_scorer,
                                      log=lambda s: print(s, flush=True))
     seconds = time.perf_counter() - t0
     summary = {"config": dataclasses.asdict(cfg), "results": results, "seconds": round(seconds, 1)}

@@ -350,3 +350,21 @@ def test_script_runs_at_a_tiny_size_and_a_second_run_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("resuming after round 1") == 4
     with pytest.raises(UserError, match="methods"):
         script.main(dataclasses.replace(cfg, methods=["ppo"]))
+
+
+def test_script_with_reward_models_at_a_tiny_size(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("o1_learn_script_rm", root / "scripts/o1_learn.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = script.O1LearnConfig(out_dir=str(tmp_path), tiny=True, threads=1, keep="scores",
+                               grpo_rewards="process", rm_questions=4, rm_chains=2, prm_rollouts=2,
+                               rm_steps=4)
+    results = script.main(cfg)["results"]
+    # the ORM picks one chain per question whatever the checker says (the tiny policy is never
+    # right); GRPO's per-step rewards from the PRM give it a loss where outcome rewards give none
+    assert results["expert"][1]["kept"] == 4 and results["expert"][1]["sample_reward"] == 0
+    assert results["grpo"][1]["steps"] == 2 and abs(results["grpo"][1]["loss"]) > 0.01
+    assert (tmp_path / "orm.pt").is_file() and (tmp_path / "prm.pt").is_file()
+    with pytest.raises(UserError, match="other settings"):
+        script.main(dataclasses.replace(cfg, rm_steps=5))
