@@ -458,7 +458,7 @@ def parse_domains(specs: list[str]) -> dict[str, tuple[str, float]]:
                 pass  # a ':' that belongs to the path
             else:
                 path = body
-                if not (weight >= 0 and weight != float("inf")):
+                if not (math.isfinite(weight) and weight >= 0):
                     raise UserError(f"data spec {spec!r}: the weight after ':' must be a finite "
                                     f"number >= 0, got {number!r}")
         name = name or Path(path).name
