@@ -194,6 +194,8 @@ def main(argv=None):
     if cfg.top_k > cfg.num_experts or any(not 1 <= k <= cfg.num_experts for k in cfg.eval_k):
         raise UserError(f"--top-k {cfg.top_k} / --eval-k {cfg.eval_k}: each must be between 1 and "
                         f"--num-experts {cfg.num_experts}")
+    if cfg.threads < 1:
+        raise UserError(f"--threads {cfg.threads}: expected at least 1")
     torch.set_num_threads(cfg.threads)
     data = make_data(cfg)
     vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
