@@ -313,6 +313,8 @@ class LearnConfig:
                      "group_size", "max_new_tokens", "keep_per_question", "pairs_per_question"):
             if getattr(self, name) < (0 if name == "rounds" else 1):
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is too small")
+        if not (self.lr > 0 and self.temperature > 0):
+            raise UserError(f"--lr {self.lr} / --temperature {self.temperature}: both must be > 0")
         if self.method == "grpo" and self.group_size < 2:
             raise UserError("GRPO needs --group-size >= 2: a group of one has no relative advantage")
 

@@ -321,6 +321,8 @@ def sample_settings(cfg: AoRScriptConfig) -> tuple[PolicyConfig, Path, dict]:
 def main(argv=None):
     cfg = resolve(parse_config(AoRScriptConfig, argv, description=__doc__), argv)
     aor_cfg = check_config(cfg)
+    if cfg.threads < 0:
+        raise UserError(f"--threads {cfg.threads}: expected 0 (torch's default) or more")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)

@@ -152,6 +152,9 @@ def table(results: dict[str, list[dict]], key: str) -> list[str]:
 def main(cfg: O1LearnConfig) -> dict:
     if cfg.tiny:
         cfg = tiny(cfg)
+    for name in ("threads", "eval_problems", "rm_questions", "rm_chains", "rm_steps", "prm_rollouts"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected at least 1")
     torch.set_num_threads(cfg.threads)
     bad = [m for m in cfg.methods if m not in METHODS or m == "sft"]
     if bad or not cfg.methods:
