@@ -73,6 +73,9 @@ def check_config(cfg: O1Config) -> None:
                         f"{cfg.levels}")
     if cfg.temperature <= 0:
         raise UserError(f"--temperature {cfg.temperature}: search samples, give a value above 0")
+    for name in ("threads", "pretrain_steps", "c_uct"):  # 0 allowed: torch's default / no pretraining
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be 0 or more")
 
 
 def shrink(cfg: O1Config) -> O1Config:
