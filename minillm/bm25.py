@@ -73,8 +73,16 @@ class BM25Index:
         self.doc_lengths = doc_lengths
         self.k1, self.b, self.idf_variant, self.tokenizer = k1, b, idf_variant, tokenizer
         self.tokenize: Callable[[str], list[str]] = word_tokenize
+        # Each term's largest weight: what it can add to any document's score (MaxScore's bound).
+        self.max_weight = (np.maximum.reduceat(weights, indptr[:-1]) if len(weights)
+                           else np.zeros(len(vocab)))
+        self.prune_ratio = 32.0  # try MaxScore while its candidates' postings are < 1/32 of all
+        self.use_numba = numba is not None
+        self.docs_scored = np.zeros(0, dtype=np.int64)         # per query of the last search
         self._acc = np.zeros(self.num_docs, dtype=np.float64)  # scratch: scores of one query
         self._seen = np.zeros(self.num_docs, dtype=bool)       # scratch: its matched documents
+        self._touched: np.ndarray | None = None                # scratch of the compiled search
+        self._cand_scores: np.ndarray | None = None
 
     @property
     def num_docs(self) -> int:
@@ -173,7 +181,42 @@ class BM25Index:
 
     def scores(self, query: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(matched document ids, their scores), in no particular order."""
-        terms = self.query_terms(query)
+        return self._scatter(self.query_terms(query))
+
+    def search(self, query: str | Sequence[str], k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(document ids, scores) of the top `k` matched documents; see the module's contract."""
+        return self.search_batch([query], k)[0]
+
+    def search_batch(self, queries: Sequence[str | Sequence[str]], k: int = 10
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`search` for each query: one compiled call for the batch when `use_numba`."""
+        if k < 1:
+            raise UserError(f"k must be >= 1, got {k}")
+        terms = [self.query_terms(q) for q in queries]
+        if not self.use_numba:
+            out = [self._search_numpy(t, k) for t in terms]
+            self.docs_scored = np.array([n for _, _, n in out], dtype=np.int64)
+            return [(ids, scores) for ids, scores, _ in out]
+        if _top_k_compiled is None:
+            raise UserError("use_numba needs numba (pip install numba)")
+        return self._search_compiled(terms, k)
+
+    # numpy search: MaxScore where it pays, else every matched document
+
+    def _search_numpy(self, terms: list[int], k: int) -> tuple[np.ndarray, np.ndarray, int]:
+        found = self._maxscore(terms, k)
+        docs, scores = found if found is not None else self._scatter(terms)
+        n_scored = len(docs)
+        if len(docs) > k:
+            # Keep every document that ties with the k-th score, then break ties by id.
+            kth = -np.partition(-scores, k - 1)[k - 1]
+            keep = scores >= kth
+            docs, scores = docs[keep], scores[keep]
+        order = np.lexsort((docs, -scores))[:k]
+        return docs[order].astype(np.int64), scores[order], n_scored
+
+    def _scatter(self, terms: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Every matched document and its score: the postings added term by term into scratch."""
         acc, seen, indptr = self._acc, self._seen, self.indptr
         parts = []
         for t in terms:
@@ -190,23 +233,223 @@ class BM25Index:
         seen[matched] = False
         return matched, scores
 
-    def search(self, query: str | Sequence[str], k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """(document ids, scores) of the top `k` matched documents; see the module's contract."""
-        if k < 1:
-            raise UserError(f"k must be >= 1, got {k}")
-        docs, scores = self.scores(query)
-        if len(docs) > k:
-            # Keep every document that ties with the k-th score, then break ties by id.
-            kth = -np.partition(-scores, k - 1)[k - 1]
-            keep = scores >= kth
-            docs, scores = docs[keep], scores[keep]
-        order = np.lexsort((docs, -scores))[:k]
-        return docs[order].astype(np.int64), scores[order]
+    def _maxscore(self, terms: list[int], k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(candidates, their scores) proven to hold the top k, or None (then score everything)."""
+        by_bound = sorted(dict.fromkeys(terms), key=lambda t: -self.max_weight[t])
+        df = {t: int(self.indptr[t + 1] - self.indptr[t]) for t in by_bound}
+        all_postings = sum(df[t] for t in terms)
+        essential_postings = 0
+        for n_essential in range(1, len(by_bound)):
+            essential = by_bound[:n_essential]
+            essential_postings += df[essential[-1]]
+            if essential_postings * self.prune_ratio > all_postings:
+                return None  # the candidates would cost about as much as every posting
+            cands = (self._postings(essential[0])[0] if n_essential == 1 else
+                     np.unique(np.concatenate([self._postings(t)[0] for t in essential])))
+            if len(cands) < k:
+                continue
+            scores = np.zeros(len(cands))
+            for t in terms:  # query order, as every evaluation sums
+                docs, weights = self._postings(t)
+                at = np.minimum(np.searchsorted(docs, cands), len(docs) - 1)
+                hit = docs[at] == cands
+                scores[hit] += weights[at[hit]]
+            bound = 0.0  # what a document holding no essential term can score, at most
+            for t in terms:
+                if t not in essential:
+                    bound += max(0.0, float(self.max_weight[t]))
+            if bound < -np.partition(-scores, k - 1)[k - 1]:
+                return cands, scores
+        return None
 
-    def search_batch(self, queries: Sequence[str | Sequence[str]], k: int = 10
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """`search` for each query."""
-        return [self.search(q, k) for q in queries]
+    def _postings(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.indptr[t], self.indptr[t + 1]
+        return self.doc_ids[lo:hi], self.weights[lo:hi]
+
+    # compiled search: the same two evaluations as loops, a batch per call
+
+    def _search_compiled(self, terms: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        k = min(k, self.num_docs)
+        if self._touched is None:
+            self._touched = np.zeros(self.num_docs, dtype=np.int32)
+            self._cand_scores = np.zeros(self.num_docs, dtype=np.float64)
+        query_starts = np.zeros(len(terms) + 1, dtype=np.int64)
+        np.cumsum([len(t) for t in terms], out=query_starts[1:])
+        terms_flat = np.fromiter((t for ts in terms for t in ts), np.int64, count=query_starts[-1])
+        top_docs_QK = np.zeros((len(terms), k), dtype=np.int64)
+        top_scores_QK = np.zeros((len(terms), k), dtype=np.float64)
+        n_top_Q = np.zeros(len(terms), dtype=np.int64)
+        self.docs_scored = np.zeros(len(terms), dtype=np.int64)
+        if k > 0:
+            # Plain ndarray views: a memory-mapped index is passed without a copy.
+            _top_k_compiled(*map(np.asarray, (self.indptr, self.doc_ids, self.weights)),
+                            self.max_weight, terms_flat, query_starts, k, float(self.prune_ratio),
+                            self._acc, self._seen, self._touched, self._cand_scores,
+                            top_docs_QK, top_scores_QK, n_top_Q, self.docs_scored)
+        return [(top_docs_QK[q, :n], top_scores_QK[q, :n]) for q, n in enumerate(n_top_Q.tolist())]
+
+
+# --- compiled search kernels (numba, optional) -------------------------------------------------
+# Plain loops over the postings; numba compiles them when installed, and BM25Index uses them then.
+# They return exactly what the numpy search returns (tests hold them to it and to brute force).
+
+try:
+    import numba
+except ImportError:  # the numpy search serves alone
+    numba = None
+
+
+def _compiled(fn):
+    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
+
+
+@_compiled
+def _push(top_docs, top_scores, n, k, doc, score):
+    """Insert (doc, score) into the first n entries, kept by score descending then id; the
+    caller has checked that it belongs in the top k. Returns the new count (at most k)."""
+    if n < k:
+        n += 1
+    i = n - 1
+    while i > 0 and (score > top_scores[i - 1] or (score == top_scores[i - 1] and doc < top_docs[i - 1])):
+        top_scores[i], top_docs[i] = top_scores[i - 1], top_docs[i - 1]
+        i -= 1
+    top_scores[i], top_docs[i] = score, doc
+    return n
+
+
+@_compiled
+def _maxscore_kernel(indptr, doc_ids, weights, max_weight, query, k, prune_ratio, seen, touched,
+                     cand_scores, top_docs, top_scores):
+    """`BM25Index._maxscore` as loops, the top k written out: (n found, n scored), or (-1, 0)."""
+    # Distinct terms by bound, largest first (insertion sort: queries are short).
+    by_bound = np.empty(len(query), dtype=np.int64)
+    n_distinct = 0
+    for t in query:
+        if t in by_bound[:n_distinct]:
+            continue
+        i = n_distinct
+        while i > 0 and max_weight[by_bound[i - 1]] < max_weight[t]:
+            by_bound[i] = by_bound[i - 1]
+            i -= 1
+        by_bound[i] = t
+        n_distinct += 1
+    all_postings = 0
+    for t in query:
+        all_postings += indptr[t + 1] - indptr[t]
+    essential_postings = 0
+    for n_essential in range(1, n_distinct):
+        t = by_bound[n_essential - 1]
+        essential_postings += indptr[t + 1] - indptr[t]
+        if essential_postings * prune_ratio > all_postings:
+            return -1, 0
+        # Candidates: the union of the essential terms' postings, ascending.
+        n_cands = 0
+        for t in by_bound[:n_essential]:
+            for p in range(indptr[t], indptr[t + 1]):
+                if not seen[doc_ids[p]]:
+                    seen[doc_ids[p]] = True
+                    touched[n_cands] = doc_ids[p]
+                    n_cands += 1
+        cands = touched[:n_cands]
+        seen[cands] = False
+        if n_cands < k:
+            continue
+        if n_essential > 1:
+            cands.sort()
+        # Their scores, term by term in query order: a merge of two ascending lists, galloping
+        # through the postings (a common term's are long, the candidates few).
+        cand_scores[:n_cands] = 0.0
+        for t in query:
+            p, end = indptr[t], indptr[t + 1]
+            for c in range(n_cands):
+                if doc_ids[p] < cands[c]:
+                    step = 1
+                    while p + step < end and doc_ids[p + step] < cands[c]:
+                        p += step
+                        step *= 2
+                    lo, hi = p, min(p + step, end)  # doc_ids[lo] < cands[c] <= doc_ids[hi]
+                    while hi - lo > 1:
+                        mid = (lo + hi) // 2
+                        if doc_ids[mid] < cands[c]:
+                            lo = mid
+                        else:
+                            hi = mid
+                    p = hi
+                    if p == end:
+                        break
+                if doc_ids[p] == cands[c]:
+                    cand_scores[c] += weights[p]
+        n_top = 0
+        for c in range(n_cands):  # ascending ids: a tie never displaces an earlier document
+            if n_top < k or cand_scores[c] > top_scores[k - 1]:
+                n_top = _push(top_docs, top_scores, n_top, k, cands[c], cand_scores[c])
+        bound = 0.0
+        for t in query:
+            if t not in by_bound[:n_essential]:
+                bound += max(0.0, max_weight[t])
+        if bound < top_scores[k - 1]:
+            return n_top, n_cands
+    return -1, 0
+
+
+@_compiled
+def _exhaustive_kernel(indptr, doc_ids, weights, query, k, acc, seen, touched, top_docs,
+                       top_scores):
+    """Every matched document scored, the top k written out: (n found, n matched)."""
+    all_postings = 0
+    for t in query:
+        all_postings += indptr[t + 1] - indptr[t]
+    num_docs = len(acc)
+    n_top = 0
+    if all_postings * 4 < num_docs:
+        # Few postings: remember the documents touched and visit only those.
+        n_touched = 0
+        for t in query:
+            for p in range(indptr[t], indptr[t + 1]):
+                d = doc_ids[p]
+                if not seen[d]:
+                    seen[d] = True
+                    touched[n_touched] = d
+                    n_touched += 1
+                acc[d] += weights[p]
+        for d in touched[:n_touched]:
+            score = acc[d]
+            acc[d], seen[d] = 0.0, False
+            if n_top < k or score > top_scores[k - 1] or (score == top_scores[k - 1] and d < top_docs[k - 1]):
+                n_top = _push(top_docs, top_scores, n_top, k, d, score)
+        return n_top, n_touched
+    # Many: add without bookkeeping, then one pass over all documents in id order.
+    for t in query:
+        for p in range(indptr[t], indptr[t + 1]):
+            seen[doc_ids[p]] = True
+            acc[doc_ids[p]] += weights[p]
+    n_matched = 0
+    for d in range(num_docs):
+        score = acc[d]
+        if n_top < k or score > top_scores[k - 1]:  # rarely true: the branch predicts well
+            if seen[d]:
+                n_top = _push(top_docs, top_scores, n_top, k, d, score)
+        n_matched += seen[d]
+        acc[d], seen[d] = 0.0, False
+    return n_top, n_matched
+
+
+@_compiled
+def _top_k_kernel(indptr, doc_ids, weights, max_weight, terms_flat, query_starts, k, prune_ratio,
+                  acc, seen, touched, cand_scores, top_docs_QK, top_scores_QK, n_top_Q,
+                  docs_scored_Q):
+    for q in range(len(query_starts) - 1):
+        query = terms_flat[query_starts[q]:query_starts[q + 1]]
+        n_top, n_scored = _maxscore_kernel(indptr, doc_ids, weights, max_weight, query, k,
+                                           prune_ratio, seen, touched, cand_scores,
+                                           top_docs_QK[q], top_scores_QK[q])
+        if n_top < 0:
+            n_top, n_scored = _exhaustive_kernel(indptr, doc_ids, weights, query, k, acc, seen,
+                                                 touched, top_docs_QK[q], top_scores_QK[q])
+        n_top_Q[q], docs_scored_Q[q] = n_top, n_scored
+
+
+_top_k_compiled = _top_k_kernel if numba is not None else None
 
 
 def _weights(df, indptr, doc_ids, tfs, doc_lengths, k1, b, idf_variant) -> np.ndarray:
