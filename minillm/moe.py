@@ -8,7 +8,7 @@ al. 2021) in four explicit steps, so that methods can change one step without fl
    capacity C = max(ceil(cf * k * T / E), min_capacity) (cf = 0: dropless, C = the largest load).
    Entries past C are dropped (slot -1). Which entries win a full expert: `priority="position"`
    (first come; all first choices before any second choice) or `"score"` (batch-prioritised: higher
-   router score first). The plan is plain tensors; Rectify-Router (minillm/rectify_router.py)
+   router score first). The plan is plain tensors; Rectify-Router (minillm/methods/rectify_router.py)
    transforms plans.
 3. `dispatch` copies token rows into the (E, C, d) buffer; the experts run as one batched matrix
    product over it; `combine` sums each token's expert outputs with the entries' weights.
@@ -217,7 +217,7 @@ class Experts(nn.Module):
             if w is not None:
                 nn.init.normal_(w, std=0.02)
         # hook here to observe / replace the (E, C, F) activations that feed the down projection
-        # (as DenseFFN.activation_point; minillm/modularity.py reads experts through it)
+        # (as DenseFFN.activation_point; minillm/methods/modularity.py reads experts through it)
         self.activation_point = nn.Identity()
 
     def keep(self, experts: slice) -> None:
@@ -440,11 +440,21 @@ def moe_spec(moe: MoE) -> dict:
             "unit_permutation": hasattr(moe, "unit_permutation")}
 
 
+# Class paths that checkpoints written before a module moved still name: old path -> new path.
+# (The paper methods moved from minillm/ to minillm/methods/.)
+MOVED_CLASSES = {
+    "minillm.rectify_router.IntraGPURectification":
+        "minillm.methods.rectify_router.IntraGPURectification",
+    "minillm.rectify_router.FillInRectification":
+        "minillm.methods.rectify_router.FillInRectification",
+}
+
+
 def moe_from_spec(d: int, spec: dict) -> MoE:
     """The MoE layer described by `moe_spec` (weights uninitialised until a state dict loads)."""
     transforms = []
     for t in spec.get("plan_transforms", []):
-        kind = t["type"]
+        kind = MOVED_CLASSES.get(t["type"], t["type"])
         module, _, name = kind.rpartition(".")
         if not module.startswith("minillm."):
             raise ValueError(f"plan transform {kind!r}: only minillm's own transforms are rebuilt")

@@ -1,4 +1,4 @@
-"""The CUDA path of MoE dispatch and combine: `minillm/cuda/moe.cu` (package data, so installed
+"""The CUDA path of MoE dispatch and combine: `cuda/moe.cu` (package data, so installed
 wheels carry it), compiled by CuPy and wrapped as
 autograd Functions with the semantics of `minillm.moe.dispatch` / `combine` (slots -1 dropped;
 entries outside the buffer are left to the reference path).
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(str(importlib.resources.files("minillm") / "cuda" / "moe.cu"))
+SOURCE = Path(str(importlib.resources.files("minillm.cuda") / "moe.cu"))
 KERNELS = ("moe_slots", "moe_dispatch_f32", "moe_dispatch_bf16", "moe_combine_f32",
            "moe_combine_bf16", "moe_weight_grad_f32", "moe_weight_grad_bf16")
 THREADS = 256

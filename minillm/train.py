@@ -781,7 +781,7 @@ class Trainer:
                 f"{self.cfg.max_skipped_steps}; their updates were skipped and the run stops "
                 f"without saving. {self._last_good()}. Lower --lr or raise --warmup-steps")
 
-    # --- swapping modules between steps (SSD, minillm/ssd.py) ------------------------------------
+    # --- swapping modules between steps (SSD, minillm/methods/ssd.py) ------------------------------------
     # A callback may replace submodules between steps (dense FFNs by MoE layers and back). The
     # optimizer is rebuilt for the new parameters and the wrapper (compile, DDP) around the model;
     # AdamW's moments follow the weights through the same `carry` map that moved the weights, so

@@ -3,7 +3,7 @@
     python scripts/aor.py                 # the default run (its measured time: README, "AoR")
     python scripts/aor.py --tiny          # a seconds-long smoke run (in out/aor-tiny)
 
-1. The policy: `minillm.o1.train_policy` (a tiny GPT pretrained and fine-tuned on worked
+1. The policy: `minillm.methods.o1.train_policy` (a tiny GPT pretrained and fine-tuned on worked
    solutions) with the settings of `scripts/o1.py`, in its folder (`--policy-dir`, default
    out/o1/policy): whichever script runs first trains it, the other loads it. `--policy FILE` uses
    any trained minillm model with its tokenizer instead.
@@ -11,7 +11,7 @@
    at `--temperature`, once, cached in `--out-dir/samples.json`. Every method sees the same chains
    in the same order: voting and AoR without dynamic sampling read the first `--initial-samples`;
    dynamic sampling draws from the rest, `--extra-samples` at a time.
-3. Judges: the outcome reward model of `minillm.o1`, trained on the policy's samples of training
+3. Judges: the outcome reward model of `minillm.methods.o1`, trained on the policy's samples of training
    problems of the same level (cached in `--out-dir`), at the paper's threshold and at each of
    `--orm-thresholds` (its probabilities x 10 seldom reach 6); the noisy oracle of each
    `--oracle-accuracy`; the constant judge (which must equal voting).
@@ -25,22 +25,20 @@
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.aor import (AoRConfig, ConstantJudge, NoisyOracleJudge, ORMJudge,  # noqa: E402
-                         aggregate, bucket_by_answer, majority_vote, pool_sampler)
-from minillm.cli import given_fields, parse_config  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.model import load_model  # noqa: E402
-from minillm.o1 import (OutcomeRewardModel, Policy, PolicyConfig, outcome_examples,  # noqa: E402
-                        sample, train_policy, train_reward_model)
-from minillm.tasks import (Arithmetic, Problem, check, extract_answer, prompt,  # noqa: E402
+from minillm.methods.aor import (AoRConfig, ConstantJudge, NoisyOracleJudge, ORMJudge,
+                                 aggregate, bucket_by_answer, majority_vote, pool_sampler)
+from minillm.cli import given_fields, parse_config
+from minillm.errors import UserError, run_main
+from minillm.model import load_model
+from minillm.methods.o1 import (OutcomeRewardModel, Policy, PolicyConfig, outcome_examples,
+                                sample, train_policy, train_reward_model)
+from minillm.tasks import (Arithmetic, Problem, check, extract_answer, prompt,
                            split_steps)
 
 
@@ -266,7 +264,7 @@ def load_orm(cfg: AoRScriptConfig, policy, ops: str, key: dict, out_dir: Path
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:
         try:
             return OutcomeRewardModel.load(path)
-        except (UserError, RuntimeError) as e:  # written by another version of minillm.o1
+        except (UserError, RuntimeError) as e:  # written by another version of minillm.methods.o1
             print(f"retraining the ORM: {path} does not load ({str(e).splitlines()[0]})")
     start = time.time()
     problems = Arithmetic(ops=ops).problems(cfg.level, cfg.orm_questions, "train", cfg.seed + 1)

@@ -15,14 +15,12 @@ N files named like `--out` with `-00000` ... before the suffix. Needs warcio (`.
 import argparse
 import io
 import random
-import sys
 from pathlib import Path
 
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.errors import UserError, run_main  # noqa: E402
+from minillm.errors import UserError, run_main
 
 
 def shard_paths(out: str, shards: int) -> list[Path]:

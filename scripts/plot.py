@@ -6,12 +6,10 @@ Needs matplotlib (`pip install -e ".[plot]"`); without it, prints the losses as 
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.errors import run_main  # noqa: E402
-from minillm.plotting import loss_table, plot_metrics, read_metrics  # noqa: E402
+from minillm.errors import run_main
+from minillm.plotting import loss_table, plot_metrics, read_metrics
 
 
 def main(argv=None):

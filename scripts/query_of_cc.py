@@ -12,20 +12,18 @@ the paper's LM-driven one.
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.bm25 import BM25Index  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.query_of_cc import (Config, LMExpander, PRFExpander, bootstrap, kjv_verses,  # noqa: E402
-                                 precision_recall, random_queries, retrieve, stdlib_families,
-                                 write_corpus)
-from minillm.tokenizer import load_tokenizer, train_bpe  # noqa: E402
+from minillm.bm25 import BM25Index
+from minillm.errors import UserError, run_main
+from minillm.methods.query_of_cc import (Config, LMExpander, PRFExpander, bootstrap, kjv_verses,
+                                         precision_recall, random_queries, retrieve, stdlib_families,
+                                         write_corpus)
+from minillm.tokenizer import load_tokenizer, train_bpe
 
 SEEDS = {
     "stdlib": {

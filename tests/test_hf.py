@@ -8,11 +8,11 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from minillm.errors import UserError  # noqa: E402
-from minillm.hf import load_hf, save_hf  # noqa: E402
-from minillm.model import GPT, ModelConfig  # noqa: E402
+from minillm.errors import UserError
+from minillm.hf import load_hf, save_hf
+from minillm.model import GPT, ModelConfig
 
 GPT2_CASES = {
     "tied": dict(n_embd=48, n_layer=2, n_head=4),

@@ -13,9 +13,9 @@ from minillm.data import prepare
 from minillm.distributed import DistInfo
 from minillm.errors import UserError
 from minillm.model import GPT, preset
-from minillm.sheared import (DynamicBatchLoading, HardConcrete, PruningSchedule, ShearingMasks,
-                             TargetShape, check_hf_exportable, compact, dbl_update, keep_top,
-                             load_reference_losses, magnitude_masks)
+from minillm.methods.sheared import (DynamicBatchLoading, HardConcrete, PruningSchedule, ShearingMasks,
+                                     TargetShape, check_hf_exportable, compact, dbl_update, keep_top,
+                                     load_reference_losses, magnitude_masks)
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer, make_optimizer
 

@@ -1,4 +1,4 @@
-"""SSD (minillm/ssd.py): switches are exact, a dense -> sparse -> dense round trip leaves weights and
+"""SSD (minillm/methods/ssd.py): switches are exact, a dense -> sparse -> dense round trip leaves weights and
 AdamW moments bit-identical, FLOPs are counted as executed, runs killed in either phase resume
 exactly, the centroid router finds the most active experts, and bad input is a named error."""
 
@@ -17,8 +17,8 @@ from minillm.distributed import DistInfo
 from minillm.errors import UserError
 from minillm.model import GPT, DenseFFN, load_model, preset, save_model
 from minillm.moe import MoE
-from minillm.ssd import (SSD, FlopMeter, SSDConfig, adjusted_rand_index, cluster_units,
-                         router_recall, sparse_ffn, to_dense, to_moe)
+from minillm.methods.ssd import (SSD, FlopMeter, SSDConfig, adjusted_rand_index, cluster_units,
+                                 router_recall, sparse_ffn, to_dense, to_moe)
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer
 

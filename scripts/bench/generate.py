@@ -9,13 +9,11 @@ having if it is exact). Prints a table of tokens/s and the speed-up.
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from minillm.generate import generate_ids  # noqa: E402
-from minillm.model import GPT, PRESETS, preset  # noqa: E402
+from minillm.generate import generate_ids
+from minillm.model import GPT, PRESETS, preset
 
 
 def main():

@@ -14,16 +14,14 @@ import argparse
 import random
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from minillm.corpus import stdlib_docstrings  # noqa: E402
-from minillm.wanjuan_cc.minhash import (MinHasher, UnionFind, band_hashes, jaccard_estimate,  # noqa: E402
-                                        lsh_params)
+from minillm.corpus import stdlib_docstrings
+from minillm.minhash import (MinHasher, UnionFind, band_hashes, jaccard_estimate,
+                             lsh_params)
 
 WORDS = re.compile(r"[^\W_]+")
 

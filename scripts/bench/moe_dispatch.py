@@ -14,15 +14,12 @@ the default (`minillm.moe_kernels.KERNELS_BY_DEFAULT = False`; MINILLM_MOE_KERNE
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from minillm import moe_kernels  # noqa: E402
-from minillm.moe import MoEConfig, assign_slots, combine, dispatch, plan_from_probs  # noqa: E402
+from minillm import moe_kernels
+from minillm.moe import MoEConfig, assign_slots, combine, dispatch, plan_from_probs
 
 INDEX = 8  # bytes per int64 index
 

@@ -21,8 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from minillm.tokenizer import EOT, PATTERNS, count_words, train_bpe  # noqa: E402
+from minillm.tokenizer import EOT, PATTERNS, count_words, train_bpe
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 

@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from minillm.corpus import stdlib_docstrings  # noqa: E402
-from minillm.data import prepare  # noqa: E402
-from minillm.distributed import DistInfo  # noqa: E402
-from minillm.model import GPT, PRESETS, preset  # noqa: E402
-from minillm.tokenizer import train_bpe  # noqa: E402
-from minillm.train import TrainConfig, Trainer, make_optimizer, peak_flops  # noqa: E402
+from minillm.corpus import stdlib_docstrings
+from minillm.data import prepare
+from minillm.distributed import DistInfo
+from minillm.model import GPT, PRESETS, preset
+from minillm.tokenizer import train_bpe
+from minillm.train import TrainConfig, Trainer, make_optimizer, peak_flops
 
 
 def parse_args():

@@ -33,10 +33,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.wanjuan_cc import PipelineConfig, run  # noqa: E402
-from minillm.wanjuan_cc.extract import decode_html, extract_text  # noqa: E402
-from minillm.wanjuan_cc.read import Dropped, list_shards, read_shard  # noqa: E402
+from minillm.errors import UserError, run_main
+from minillm.methods.wanjuan_cc import PipelineConfig, run
+from minillm.methods.wanjuan_cc.extract import decode_html, extract_text
+from minillm.methods.wanjuan_cc.read import Dropped, list_shards, read_shard
 
 DOCS = ["/usr/share/doc/python3.11-doc/html", "/usr/share/doc/linux-doc-6.1/html"]
 

@@ -43,11 +43,11 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
-from .errors import UserError
-from .model import GPT, Attention, DenseFFN
-from .moe import MoE, Experts
-from .moefy import (balanced_kmeans, clustering_score, dense_to_experts, experts_to_dense,
-                    merge_moe, moefy_ffn)
+from ..errors import UserError
+from ..model import GPT, Attention, DenseFFN
+from ..moe import MoE, Experts
+from ..moefy import (balanced_kmeans, clustering_score, dense_to_experts, experts_to_dense,
+                     merge_moe, moefy_ffn)
 
 
 @dataclass
