@@ -38,6 +38,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import moe_kernels
+from .activations import ACTIVATIONS
+from .errors import UserError
 from .expert_parallel import all_to_all, max_over
 
 
@@ -114,11 +117,9 @@ def assign_slots(expert_N: torch.Tensor, priority_N: torch.Tensor, num_experts: 
     order); -1 beyond `capacity`. On a GPU with CuPy the routing-metadata kernel does the
     counting (minillm/moe_kernels.py), with the same result."""
     order = torch.argsort(priority_N, stable=True)
-    if expert_N.is_cuda:
-        from . import moe_kernels
-        if moe_kernels.enabled():
-            return moe_kernels.slots(order, expert_N, torch.zeros_like(expert_N), num_experts,
-                                     capacity)[0]
+    if expert_N.is_cuda and moe_kernels.enabled():
+        return moe_kernels.slots(order, expert_N, torch.zeros_like(expert_N), num_experts,
+                                 capacity)[0]
     by_expert = torch.argsort(expert_N[order], stable=True)
     sorted_idx = order[by_expert]  # entries grouped by expert, in priority order within a group
     counts_E = torch.bincount(expert_N, minlength=num_experts)
@@ -227,8 +228,6 @@ class Experts(nn.Module):
                                              requires_grad=p.requires_grad))
 
     def forward(self, x_ECd: torch.Tensor) -> torch.Tensor:
-        from .model import ACTIVATIONS
-
         h_ECF = torch.bmm(x_ECd, self.w_up)
         if self.b_up is not None:
             h_ECF = h_ECF + self.b_up
@@ -278,12 +277,25 @@ def routing_stats(plan: RoutingPlan, num_tokens: int) -> dict[str, torch.Tensor]
 
 def _dispatch_combine(x_Td: torch.Tensor, plan: RoutingPlan):
     """The CUDA kernels (minillm/moe_kernels.py) when enabled and available, else the reference
-    (`available()` logs once why the kernels are missing)."""
-    if x_Td.is_cuda:
-        from . import moe_kernels
-        if moe_kernels.enabled():  # (other dtypes fall back to the reference inside)
-            return moe_kernels.dispatch_combine_fns(plan, x_Td.shape[0])
-    return (lambda x: dispatch(x, plan)), (lambda out: combine(out, plan, x_Td.shape[0]))
+    (`available()` logs once why the kernels are missing). The kernels take fp32 and bf16; a
+    tensor of another dtype (e.g. fp16 under autocast) takes the reference path, per call."""
+    T = x_Td.shape[0]
+
+    def reference_dispatch(x):
+        return dispatch(x, plan)
+
+    def reference_combine(out):
+        return combine(out, plan, T)
+    if not (x_Td.is_cuda and moe_kernels.enabled()):
+        return reference_dispatch, reference_combine
+    kernel_dispatch, kernel_combine = moe_kernels.dispatch_combine_fns(plan, T)
+
+    def dispatch_fn(x):
+        return (kernel_dispatch if x.dtype in moe_kernels.SUPPORTED else reference_dispatch)(x)
+
+    def combine_fn(out):
+        return (kernel_combine if out.dtype in moe_kernels.SUPPORTED else reference_combine)(out)
+    return dispatch_fn, combine_fn
 
 
 def outside_output(x_Td: torch.Tensor, plan: RoutingPlan, experts: "Experts",
@@ -411,8 +423,10 @@ def replace_ffns_with_moe(model: nn.Module, cfg: MoEConfig, layers=None, **moe_k
     initialised `MoE` (random experts; to split a trained dense FFN instead, see minillm/moefy.py).
     Expert down projections are scaled by 1/sqrt(2 n_layer) like the dense FFN's (GPT-2's residual
     projections, minillm.model.GPT._init_weights), so that dense and MoE models start alike."""
-    d = model.config.n_embd
-    layers = range(1, model.config.n_layer, 2) if layers is None else layers
+    d, n_layer = model.config.n_embd, model.config.n_layer
+    layers = list(range(1, n_layer, 2) if layers is None else layers)
+    if not layers or not all(0 <= i < n_layer for i in layers):
+        raise UserError(f"MoE layers {layers} (--moe-layers): the model has layers 0 to {n_layer - 1}")
     for i in layers:
         device = next(model.blocks[i].parameters()).device
         moe = MoE(d, cfg, **moe_kwargs).to(device)

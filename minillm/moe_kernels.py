@@ -232,9 +232,8 @@ SUPPORTED = (torch.float32, torch.bfloat16)
 
 def dispatch_combine_fns(plan, num_tokens: int):
     """Closures (dispatch(x) -> (E, C, d), combine(out) -> (T, d)) on the kernels for the kept
-    entries of `plan`, equal to minillm.moe.dispatch / combine on them."""
-    from .moe import combine as reference_combine, dispatch as reference_dispatch
-
+    entries of `plan`, equal to minillm.moe.dispatch / combine on them, for tensors of a
+    `SUPPORTED` dtype (minillm.moe sends other dtypes to its reference path)."""
     kept = plan.kept
     E, C = plan.num_experts, plan.capacity
     tokens = plan.token[kept]
@@ -246,13 +245,9 @@ def dispatch_combine_fns(plan, num_tokens: int):
     order, offsets = csr_by_token(tokens, num_tokens)
 
     def dispatch(x_Td):
-        if x_Td.dtype not in SUPPORTED:  # e.g. fp16 autocast: the reference path
-            return reference_dispatch(x_Td, plan)
         return Dispatch.apply(x_Td, row_token, rows[order], offsets).view(E, C, -1)
 
     def combine(out_ECd):
-        if out_ECd.dtype not in SUPPORTED:
-            return reference_combine(out_ECd, plan, num_tokens)
         return Combine.apply(out_ECd.reshape(E * C, -1), plan.weight[kept], rows, tokens, order,
                              offsets, row_entry)
     return dispatch, combine

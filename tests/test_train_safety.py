@@ -17,7 +17,8 @@ from minillm.data import DataError, TokenDataset, eval_batches, prepare
 from minillm.distributed import DistInfo
 from minillm.errors import UserError, run_main
 from minillm.tokenizer import train_bpe
-from minillm.train import TrainConfig, Trainer, checkpoints, peak_flops_of
+from minillm.train import TrainConfig, Trainer, peak_flops_of
+from minillm.checkpoint import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
