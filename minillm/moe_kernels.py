@@ -24,7 +24,20 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(str(importlib.resources.files("minillm.cuda") / "moe.cu"))
+
+
+def _source() -> Path:
+    """moe.cu: inside the installed package (setup.cfg ships the top-level cuda/ folder as
+    minillm/cuda in a wheel), or, in a source checkout (an editable install), the top-level cuda/
+    beside minillm/. cuda/ holds no __init__.py: a top-level package named `cuda` would shadow
+    NVIDIA's `cuda` namespace package that CuPy imports."""
+    installed = importlib.resources.files("minillm") / "cuda" / "moe.cu"
+    if installed.is_file():
+        return Path(str(installed))
+    return Path(__file__).resolve().parents[1] / "cuda" / "moe.cu"
+
+
+SOURCE = _source()
 KERNELS = ("moe_slots", "moe_dispatch_f32", "moe_dispatch_bf16", "moe_combine_f32",
            "moe_combine_bf16", "moe_weight_grad_f32", "moe_weight_grad_bf16")
 THREADS = 256
