@@ -4,7 +4,8 @@ The layer is `minillm.moe.MoE` itself: given a process group (`MoE(d, cfg, ep_gr
 `moe.shard_experts(g)`), rank r of P keeps experts [r * E/P, (r + 1) * E/P), routes its own tokens
 with the replicated router (capacity over its own tokens), runs the same plan transforms, and sends
 its (E, C, d) dispatch buffer to the experts' owners with `all_to_all` below. This file holds what
-the layer and the trainer need from torch.distributed, and imports nothing from minillm:
+the layer and the trainer need from torch.distributed, and imports nothing from minillm but its
+error type:
 
 - `all_to_all`: an autograd all-to-all with equal splits (its backward is the same exchange);
 - `make_groups`: expert-parallel groups of N consecutive ranks, and the data-parallel groups that
@@ -26,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .errors import UserError
 
 
 class _AllToAll(torch.autograd.Function):
@@ -79,6 +82,30 @@ def make_groups(ep_size: int):
             if rank in ranks:
                 dp_group = group
     return ep_group, dp_group
+
+
+def shard_model(model: nn.Module, ep_size: int, world_size: int):
+    """(sharded parameters {name: parameter}, expert-parallel group, expert data-parallel group)
+    after sharding every MoE layer of `model` over groups of `ep_size` consecutive ranks (ranks
+    r, r + ep_size, ... hold the same experts and average their gradients); ({}, None, None) when
+    `ep_size` is 1. MoE layers are found by duck typing (`shard_experts`), so this module needs
+    no import of minillm.moe."""
+    if ep_size == 1:
+        return {}, None, None
+    if world_size % ep_size or world_size < ep_size:
+        raise UserError(f"--expert-parallel {ep_size}: the {world_size} process(es) do not split "
+                        f"into groups of {ep_size} (launch with torchrun --nproc_per_node)")
+    layers = [m for m in model.modules() if hasattr(m, "shard_experts")]
+    if not layers:
+        raise UserError(f"--expert-parallel {ep_size}: the model has no MoE layer (pass --moe-experts)")
+    for moe in layers:
+        if moe.cfg.num_experts % ep_size:
+            raise UserError(f"--expert-parallel {ep_size}: an MoE layer has {moe.cfg.num_experts} "
+                            "experts, which do not split over the group")
+    ep_group, dp_group = make_groups(ep_size)
+    for moe in layers:
+        moe.shard_experts(ep_group)
+    return sharded_parameters(model), ep_group, dp_group
 
 
 # --- gradients --------------------------------------------------------------------------------------

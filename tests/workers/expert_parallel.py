@@ -19,7 +19,7 @@ import torch.distributed as dist
 from minillm.expert_parallel import (gather_experts, global_grad_norm, reduce_expert_gradients,
                                      shard_experts, sharded_parameters)
 from minillm.moe import MoE, MoEConfig
-from minillm.rectify_router import FillInRectification, IntraGPURectification
+from minillm.methods.rectify_router import FillInRectification, IntraGPURectification
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ["MINILLM_DIST_TIMEOUT_S"])))
 rank, world = dist.get_rank(), dist.get_world_size()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as torch_dist
 
 from minillm import distributed, expert_parallel
-from minillm.rectify_router import FillInRectification, IntraGPURectification
+from minillm.methods.rectify_router import FillInRectification, IntraGPURectification
 from minillm.train import TrainConfig, Trainer
 
 data, out = sys.argv[1], sys.argv[2]
