@@ -14,11 +14,28 @@ with c = 1 for "lucene" and "robertson" and c = k1 + 1 for "atire" (c only scale
     robertson: idf = log((N - df + 0.5) / (df + 0.5))          (< 0 for a term in over half the docs)
     atire:     idf = log(N / df)
 
-Why it is fast: a query touches only the postings of its own terms. Scores are added into a dense
-scratch array at those documents, read back at the union of those documents, and the scratch is
-cleared there again, so a query costs O(postings of its terms), never O(number of documents). Top-k
-is an `argpartition` over the matched documents and one `lexsort`. The scratch arrays belong to the
-index object: searches from several threads need one object each.
+Search: the exact top k by one of two evaluations, which return the same documents and bit-identical
+scores (each sums a document's weights in query order, as the brute-force reference does):
+
+- exhaustive, term at a time: every posting of every query term is added into a scratch array at
+  its document; the touched documents are read back, ranked and cleared. It costs the postings of
+  the query's terms, never a pass over all documents' scores.
+- MaxScore (Turtle and Flood 1995, "Query evaluation: strategies and optimizations"): a term's
+  largest weight (`max_weight`) bounds what it adds to any document. Order the query's distinct
+  terms by that bound, largest first; the documents of the first few ("essential") terms are the
+  candidates, scored exactly by looking every query term up in its ascending postings. A document
+  holding no essential term scores at most R = the sum, in query order, of max(0, bound) over the
+  other terms' occurrences (rounding is monotone, so this also bounds the float sums). If the k-th
+  best candidate scores above R, no other document can reach the top k, not even by a tie;
+  otherwise one more term becomes essential. A query of one rare word and a few common ones ("the",
+  "and") then scores the rare word's documents instead of most of the corpus. It is tried only while
+  the candidates' postings are under 1/`prune_ratio` of the query's postings.
+
+Both evaluations exist twice: in numpy (always available) and as plain loops compiled by numba when
+it is installed (`pip install numba`; `index.use_numba` says which runs), a whole batch of queries
+per call. Tests hold both to each other and to the brute-force scorer. `docs_scored` tells, per
+query of the last search, how many documents were scored (candidates, or every matched document).
+The scratch arrays belong to the index object: searches from several threads need one object each.
 
 Contract of `search`: the result holds only documents that contain at least one query token,
 ordered by score (descending), ties by document id (ascending), at most k of them. An empty query,
@@ -35,6 +52,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+try:
+    import numba
+except ImportError:  # optional: the numpy search serves alone
+    numba = None
 
 from .errors import UserError
 from .fileio import write_json
@@ -195,7 +217,7 @@ class BM25Index:
             out = [self._search_numpy(t, k) for t in terms]
             self.docs_scored = np.array([n for _, _, n in out], dtype=np.int64)
             return [(ids, scores) for ids, scores, _ in out]
-        if _top_k_compiled is None:
+        if numba is None:
             raise UserError("use_numba needs numba (pip install numba)")
         return self._search_compiled(terms, k)
 
@@ -280,22 +302,16 @@ class BM25Index:
         self.docs_scored = np.zeros(len(terms), dtype=np.int64)
         if k > 0:
             # Plain ndarray views: a memory-mapped index is passed without a copy.
-            _top_k_compiled(*map(np.asarray, (self.indptr, self.doc_ids, self.weights)),
+            _top_k_kernel(*map(np.asarray, (self.indptr, self.doc_ids, self.weights)),
                             self.max_weight, terms_flat, query_starts, k, float(self.prune_ratio),
                             self._acc, self._seen, self._touched, self._cand_scores,
                             top_docs_QK, top_scores_QK, n_top_Q, self.docs_scored)
         return [(top_docs_QK[q, :n], top_scores_QK[q, :n]) for q, n in enumerate(n_top_Q.tolist())]
 
 
-# --- compiled search kernels (numba, optional) -------------------------------------------------
-# Plain loops over the postings; numba compiles them when installed, and BM25Index uses them then.
-# They return exactly what the numpy search returns (tests hold them to it and to brute force).
-
-try:
-    import numba
-except ImportError:  # the numpy search serves alone
-    numba = None
-
+# --- compiled search (numba, optional) ------------------------------------------------------------
+# Plain loops over the postings, the numpy search's two evaluations written out; numba compiles them
+# where it is installed (cached beside this file), and BM25Index.search_batch calls them then.
 
 def _compiled(fn):
     return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
@@ -446,8 +462,6 @@ def _top_k_kernel(indptr, doc_ids, weights, max_weight, terms_flat, query_starts
                                                  touched, top_docs_QK[q], top_scores_QK[q])
         n_top_Q[q], docs_scored_Q[q] = n_top, n_scored
 
-
-_top_k_compiled = _top_k_kernel if numba is not None else None
 
 
 def _weights(df, indptr, doc_ids, tfs, doc_lengths, k1, b, idf_variant) -> np.ndarray:
