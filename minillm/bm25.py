@@ -98,7 +98,7 @@ class BM25Index:
         # Each term's largest weight: what it can add to any document's score (MaxScore's bound).
         self.max_weight = (np.maximum.reduceat(weights, indptr[:-1]) if len(weights)
                            else np.zeros(len(vocab)))
-        self.prune_ratio = 32.0  # try MaxScore while its candidates' postings are < 1/32 of all
+        self.prune_ratio = 16.0  # try MaxScore while its candidates' postings are < 1/16 of all
         self.use_numba = numba is not None
         self.docs_scored = np.zeros(0, dtype=np.int64)         # per query of the last search
         self._acc = np.zeros(self.num_docs, dtype=np.float64)  # scratch: scores of one query
@@ -324,7 +324,8 @@ def _push(top_docs, top_scores, n, k, doc, score):
     if n < k:
         n += 1
     i = n - 1
-    while i > 0 and (score > top_scores[i - 1] or (score == top_scores[i - 1] and doc < top_docs[i - 1])):
+    while i > 0 and (score > top_scores[i - 1]
+                     or (score == top_scores[i - 1] and doc < top_docs[i - 1])):
         top_scores[i], top_docs[i] = top_scores[i - 1], top_docs[i - 1]
         i -= 1
     top_scores[i], top_docs[i] = score, doc
@@ -381,7 +382,8 @@ def _maxscore_kernel(indptr, doc_ids, weights, max_weight, query, k, prune_ratio
                     while p + step < end and doc_ids[p + step] < cands[c]:
                         p += step
                         step *= 2
-                    lo, hi = p, min(p + step, end)  # doc_ids[lo] < cands[c] <= doc_ids[hi]
+                    # doc_ids[lo] < cands[c] <= doc_ids[hi] (or hi is the end): bisect.
+                    lo, hi = p, min(p + step, end)
                     while hi - lo > 1:
                         mid = (lo + hi) // 2
                         if doc_ids[mid] < cands[c]:
@@ -416,7 +418,8 @@ def _exhaustive_kernel(indptr, doc_ids, weights, query, k, acc, seen, touched, t
     num_docs = len(acc)
     n_top = 0
     if all_postings * 4 < num_docs:
-        # Few postings: remember the documents touched and visit only those.
+        # Few postings: remember the documents touched and visit only those (in first-touch
+        # order, so ties are compared by id).
         n_touched = 0
         for t in query:
             for p in range(indptr[t], indptr[t + 1]):
@@ -429,10 +432,12 @@ def _exhaustive_kernel(indptr, doc_ids, weights, query, k, acc, seen, touched, t
         for d in touched[:n_touched]:
             score = acc[d]
             acc[d], seen[d] = 0.0, False
-            if n_top < k or score > top_scores[k - 1] or (score == top_scores[k - 1] and d < top_docs[k - 1]):
+            if n_top < k or score > top_scores[k - 1] or (score == top_scores[k - 1]
+                                                           and d < top_docs[k - 1]):
                 n_top = _push(top_docs, top_scores, n_top, k, d, score)
         return n_top, n_touched
-    # Many: add without bookkeeping, then one pass over all documents in id order.
+    # Many: add without bookkeeping, then one pass over all documents in id order (a branch-free
+    # add and a predictable scan beat a touched list once postings cover a quarter of the corpus).
     for t in query:
         for p in range(indptr[t], indptr[t + 1]):
             seen[doc_ids[p]] = True
@@ -452,6 +457,7 @@ def _exhaustive_kernel(indptr, doc_ids, weights, query, k, acc, seen, touched, t
 def _top_k_kernel(indptr, doc_ids, weights, max_weight, terms_flat, query_starts, k, prune_ratio,
                   acc, seen, touched, cand_scores, top_docs_QK, top_scores_QK, n_top_Q,
                   docs_scored_Q):
+    """Query q is terms_flat[query_starts[q]:query_starts[q + 1]]; its top k go to row q."""
     for q in range(len(query_starts) - 1):
         query = terms_flat[query_starts[q]:query_starts[q + 1]]
         n_top, n_scored = _maxscore_kernel(indptr, doc_ids, weights, max_weight, query, k,
@@ -461,7 +467,6 @@ def _top_k_kernel(indptr, doc_ids, weights, max_weight, terms_flat, query_starts
             n_top, n_scored = _exhaustive_kernel(indptr, doc_ids, weights, query, k, acc, seen,
                                                  touched, top_docs_QK[q], top_scores_QK[q])
         n_top_Q[q], docs_scored_Q[q] = n_top, n_scored
-
 
 
 def _weights(df, indptr, doc_ids, tfs, doc_lengths, k1, b, idf_variant) -> np.ndarray:

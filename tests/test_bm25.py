@@ -14,7 +14,7 @@ from minillm.bm25 import BM25Index, IDF_VARIANTS, brute_force_scores, brute_forc
 from minillm.errors import UserError
 
 # MaxScore tried on every query, by default (only where it pays), never.
-PRUNE_RATIOS = (0.0, 32.0, math.inf)
+PRUNE_RATIOS = (0.0, 16.0, math.inf)
 BACKENDS = (False, True)  # use_numba (numba is in the test extra)
 
 WORDS = list("abcdefgh")
@@ -36,7 +36,8 @@ def test_index_equals_brute_force(docs, query, variant, shard, k, use_numba, pru
     ids, top = index.search(query, k)  # exact floats, ties included: small vocabularies tie often
     assert list(zip(ids.tolist(), top.tolist())) == brute_force_top(docs, query, k, k1=1.2, b=0.75,
                                                                     idf_variant=variant)
-    assert index.docs_scored.tolist() == [len(ref) if prune_ratio == math.inf else index.docs_scored[0]]
+    n_scored = int(index.docs_scored[0])  # MaxScore's candidates, or every matched document
+    assert n_scored == len(ref) if prune_ratio == math.inf else min(k, len(ref)) <= n_scored <= len(ref)
 
 
 def zipf_corpus(n_docs=600, vocab=400, seed=0):
