@@ -301,17 +301,24 @@ class BM25Index:
         n_top_Q = np.zeros(len(terms), dtype=np.int64)
         self.docs_scored = np.zeros(len(terms), dtype=np.int64)
         if k > 0:
-            # Plain ndarray views: a memory-mapped index is passed without a copy.
-            _top_k_kernel(*map(np.asarray, (self.indptr, self.doc_ids, self.weights)),
-                            self.max_weight, terms_flat, query_starts, k, float(self.prune_ratio),
-                            self._acc, self._seen, self._touched, self._cand_scores,
-                            top_docs_QK, top_scores_QK, n_top_Q, self.docs_scored)
+            _top_k_kernel(*map(_read_only, (self.indptr, self.doc_ids, self.weights, self.max_weight)),
+                          terms_flat, query_starts, k, float(self.prune_ratio),
+                          self._acc, self._seen, self._touched, self._cand_scores,
+                          top_docs_QK, top_scores_QK, n_top_Q, self.docs_scored)
         return [(top_docs_QK[q, :n], top_scores_QK[q, :n]) for q, n in enumerate(n_top_Q.tolist())]
 
 
 # --- compiled search (numba, optional) ------------------------------------------------------------
 # Plain loops over the postings, the numpy search's two evaluations written out; numba compiles them
 # where it is installed (cached beside this file), and BM25Index.search_batch calls them then.
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only plain-ndarray view (no copy): built and memory-mapped indexes then share one
+    compiled signature instead of compiling twice."""
+    view = np.asarray(a).view()
+    view.flags.writeable = False
+    return view
+
 
 def _compiled(fn):
     return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn

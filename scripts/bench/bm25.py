@@ -47,6 +47,18 @@ from minillm.methods.query_of_cc import gcide_entries, kjv_verses  # noqa: E402
 
 K1, B, K = 1.5, 0.75, 10
 KINDS = ("vocabulary", "document words")
+BM25S_BACKENDS = ("numpy", "numba")
+
+
+def cpu_name() -> str:
+    """The processor's model name, and whether it has AVX-512 (numpy picks SIMD kernels by it)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.machine())
+    return name + (", AVX-512" if " avx512f" in info else "")
 
 
 def make_queries(tokens: list[list[str]], n: int, seed: int = 0) -> dict[str, list[list[str]]]:
@@ -101,13 +113,15 @@ def minillm_systems(tokens):
     return index, systems
 
 
-def bm25s_systems(tokens, n_docs):
+def bm25s_systems(tokens, n_docs, backends=BM25S_BACKENDS):
     try:
         import bm25s
     except ImportError:
         print("bm25s is not installed (pip install -e .[bench]); skipped")
         return []
-    backends = ["numpy"] + (["numba"] if numba is not None else [])
+    if numba is None and "numba" in backends:
+        print("numba is not installed (pip install -e .[bench]): bm25s's numba backend skipped")
+        backends = [b for b in backends if b != "numba"]
     systems = []
     for backend in backends:
         t = time.perf_counter()
@@ -116,18 +130,21 @@ def bm25s_systems(tokens, n_docs):
         build = time.perf_counter() - t
 
         def run(queries, retriever=retriever):
+            # n_threads=0: the numpy backend maps in this thread (1 would hand every query to a
+            # worker thread); the numba backend reads 0 as its serial kernel.
             docs, scores = retriever.retrieve(queries, k=min(K, n_docs), show_progress=False,
-                                              n_threads=1)
+                                              n_threads=0)
             return [(d, s) for d, s in zip(docs, scores)], float(n_docs)
         systems.append(System(f"bm25s {bm25s.__version__} ({backend} backend)", build, run))
     return systems
 
 
-def bench(name: str, docs: list[str], n_queries: int, repeats: int, n_brute: int, n_rank: int):
+def bench(name: str, docs: list[str], n_queries: int, repeats: int, n_brute: int, n_rank: int,
+          bm25s_backends=BM25S_BACKENDS):
     tokens = [word_tokenize(d) for d in docs]
     queries = make_queries(tokens, n_queries)
     index, systems = minillm_systems(tokens)
-    systems += bm25s_systems(tokens, len(docs))
+    systems += bm25s_systems(tokens, len(docs), bm25s_backends)
 
     results = {s.name: {} for s in systems}  # name -> kind -> outputs of the last run
     cpu = {(s.name, kind): [] for s in systems for kind in KINDS}
@@ -216,13 +233,15 @@ def main(argv=None):
     p.add_argument("--brute-force-queries", type=int, default=20,
                    help="queries of each kind checked against the brute-force scorer")
     p.add_argument("--rank-bm25-queries", type=int, default=100, help="0 leaves rank_bm25 out")
+    p.add_argument("--bm25s-backends", nargs="*", default=list(BM25S_BACKENDS),
+                   choices=BM25S_BACKENDS, help="bm25s's numba backend compiles for a minute")
     args = p.parse_args(argv)
     if args.queries < 1 or args.repeats < 1:
         raise UserError("--queries and --repeats must be >= 1")
     if args.brute_force_queries < 0 or args.rank_bm25_queries < 0:
         raise UserError("--brute-force-queries and --rank-bm25-queries must be >= 0")
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-    print(f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
+    print(f"{cpu_name()}, python {platform.python_version()}, "
           f"numpy {np.__version__}, numba {numba.__version__ if numba else 'not installed'}, "
           f"cores {affinity}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.text:
@@ -240,7 +259,7 @@ def main(argv=None):
             raise UserError(f"{name}: no documents")
         rows[name] = bench(name, docs, args.queries, args.repeats,
                            min(args.brute_force_queries, args.queries),
-                           min(args.rank_bm25_queries, args.queries))
+                           min(args.rank_bm25_queries, args.queries), args.bm25s_backends)
     return rows
 
 
