@@ -255,9 +255,11 @@ class BM25Index:
 
     def _maxscore(self, terms: list[int], k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(candidates, their scores) proven to hold the top k, or None (then score everything)."""
-        by_bound = sorted(dict.fromkeys(terms), key=lambda t: -self.max_weight[t])
-        df = {t: int(self.indptr[t + 1] - self.indptr[t]) for t in by_bound}
+        df = {t: int(self.indptr[t + 1] - self.indptr[t]) for t in terms}
         all_postings = sum(df[t] for t in terms)
+        if all_postings < self.prune_ratio * k:
+            return None  # k candidates would be more than 1/prune_ratio of the postings
+        by_bound = sorted(df, key=lambda t: -self.max_weight[t])
         essential_postings = 0
         for n_essential in range(1, len(by_bound)):
             essential = by_bound[:n_essential]
