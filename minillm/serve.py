@@ -1043,7 +1043,7 @@ class BackgroundServer:
         if uvicorn is None:
             build_app(engine)  # raises the UserError naming the extra
         sock = bind(host, port)
-        self.host, self.port = host, sock.getsockname()[1]
+        self.engine, self.host, self.port = engine, host, sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}/v1"
         config = uvicorn.Config(build_app(engine), log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=2)
