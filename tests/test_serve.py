@@ -5,7 +5,6 @@ and bad requests, a full queue and clients that leave must be answered without h
 
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -251,7 +250,7 @@ def test_chatml_template_uses_the_tokenizers_special_tokens():
     assert ChatTemplate(tok, "plain").kind == "plain"
 
 
-# --- mistakes, a full queue, clients that leave ----------------------------------------------------
+# --- mistakes, a full queue, clients that leave --------------------------------------------------
 
 BAD = [
     ({"model": "gpt-4", "prompt": "x"}, "model"),
@@ -293,7 +292,7 @@ def test_bad_requests_get_a_400_naming_the_field(server, path, body, param):
     assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"]
 
 
-def test_malformed_bodies_and_unknown_routes_get_json_errors_and_the_server_lives_on(server, client):
+def test_malformed_bodies_and_unknown_routes_get_json_errors_and_the_server_lives(server, client):
     for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
         status, answer = post(server.url + "/completions", raw, raw=True)
         assert status == 400 and "message" in answer["error"]
