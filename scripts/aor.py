@@ -3,7 +3,7 @@
     python scripts/aor.py                 # the default run (its measured time: README, "AoR")
     python scripts/aor.py --tiny          # a seconds-long smoke run (in out/aor-tiny)
 
-1. The policy: `minillm.o1.train_policy` (a tiny GPT pretrained and fine-tuned on worked
+1. The policy: `minillm.methods.o1.train_policy` (a tiny GPT pretrained and fine-tuned on worked
    solutions) with the settings of `scripts/o1.py`, in its folder (`--policy-dir`, default
    out/o1/policy): whichever script runs first trains it, the other loads it. `--policy FILE` uses
    any trained minillm model with its tokenizer instead.
@@ -11,7 +11,7 @@
    at `--temperature`, once, cached in `--out-dir/samples.json`. Every method sees the same chains
    in the same order: voting and AoR without dynamic sampling read the first `--initial-samples`;
    dynamic sampling draws from the rest, `--extra-samples` at a time.
-3. Judges: the outcome reward model of `minillm.o1`, trained on the policy's samples of training
+3. Judges: the outcome reward model of `minillm.methods.o1`, trained on the policy's samples of training
    problems of the same level (cached in `--out-dir`), at the paper's threshold and at each of
    `--orm-thresholds` (its probabilities x 10 seldom reach 6); the noisy oracle of each
    `--oracle-accuracy`; the constant judge (which must equal voting); with `--judge-url` and
@@ -25,24 +25,22 @@
 """
 
 import json
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.aor import (AoRConfig, ConstantJudge, LLMJudge, NoisyOracleJudge,  # noqa: E402
-                         ORMJudge, aggregate, bucket_by_answer, majority_vote, pool_sampler)
-from minillm.backends import OpenAIClient  # noqa: E402
-from minillm.cli import given_fields, parse_config  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.model import load_model  # noqa: E402
-from minillm.o1 import (OutcomeRewardModel, Policy, PolicyConfig, outcome_examples,  # noqa: E402
-                        sample, train_policy, train_reward_model)
-from minillm.tasks import (Arithmetic, Problem, check, extract_answer, prompt,  # noqa: E402
+from minillm.backends import OpenAIClient
+from minillm.checkpoint import load_model
+from minillm.cli import given_fields, parse_config
+from minillm.errors import UserError, run_main
+from minillm.fileio import write_json
+from minillm.methods.aor import (AoRConfig, ConstantJudge, LLMJudge, NoisyOracleJudge, ORMJudge,
+                                 aggregate, bucket_by_answer, majority_vote, pool_sampler)
+from minillm.methods.o1 import (OutcomeRewardModel, Policy, PolicyConfig, outcome_examples,
+                                sample, train_policy, train_reward_model)
+from minillm.tasks import (Arithmetic, Problem, check, extract_answer, prompt,
                            split_steps)
 
 
@@ -120,13 +118,6 @@ def check_config(cfg: AoRScriptConfig) -> AoRConfig:
                          cfg.representatives, cfg.score_threshold, cfg.margin_threshold)
     except ValueError as e:
         raise UserError(f"AoR settings: {e}") from None
-
-
-def write_json(path: Path, obj) -> None:
-    """Write atomically: a temporary file, then a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -248,7 +239,7 @@ def load_samples(cfg: AoRScriptConfig, policy, problems: list[Problem], key: dic
     tokens = sum(c.completion_tokens or 0 for row in outs for c in row)
     print(f"sampled {cfg.max_samples} chains for each of {len(problems)} questions "
           f"({tokens} tokens) in {time.time() - start:.0f} s")
-    write_json(path, {"key": key, "chains": chains})
+    write_json(path, {"key": key, "chains": chains}, indent=1)
     return chains
 
 
@@ -281,7 +272,7 @@ def load_orm(cfg: AoRScriptConfig, policy, ops: str, key: dict, out_dir: Path
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:
         try:
             return OutcomeRewardModel.load(path)
-        except (UserError, RuntimeError) as e:  # written by another version of minillm.o1
+        except (UserError, RuntimeError) as e:  # written by another version of minillm.methods.o1
             print(f"retraining the ORM: {path} does not load ({str(e).splitlines()[0]})")
     start = time.time()
     problems = Arithmetic(ops=ops).problems(cfg.level, cfg.orm_questions, "train", cfg.seed + 1)
@@ -300,7 +291,7 @@ def load_orm(cfg: AoRScriptConfig, policy, ops: str, key: dict, out_dir: Path
     orm = train_reward_model(OutcomeRewardModel, policy.model, policy.tokenizer, examples,
                              cfg.orm_steps, seed=cfg.seed, log=None)
     orm.save(path)
-    write_json(meta, key)
+    write_json(meta, key, indent=1)
     print(f"trained the ORM ({cfg.orm_steps} steps) in {time.time() - start:.0f} s")
     return orm
 
@@ -422,7 +413,7 @@ def main(argv=None):
                "rows": {name: s for name, s in rows}, "orm_auc": orm_auc,
                "llm_judge": llm_judge.stats if llm_judge is not None else None,
                "seconds": time.time() - start}
-    write_json(out_dir / "results.json", results)
+    write_json(out_dir / "results.json", results, indent=1)
     print(f"\nwrote {out_dir / 'results.json'} ({time.time() - start:.0f} s)")
 
 

@@ -10,17 +10,15 @@ as a Hugging Face folder that `transformers` loads: config.json, model.safetenso
 the tokenizer's bos / eos ids in config.json.
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.cli import parse_config  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.hf import load_hf, load_hf_tokenizer, save_hf  # noqa: E402
-from minillm.model import load_model, save_model  # noqa: E402
+from minillm.cli import parse_config
+from minillm.errors import UserError, run_main
+from minillm.hf import load_hf, load_hf_tokenizer, save_hf
+from minillm.checkpoint import load_model, save_model
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -25,27 +25,25 @@ weights' SHA-256 before and after.
 """
 
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.cli import parse_config  # noqa: E402
-from minillm.distributed import DistInfo  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.evaluate import multiple_choice  # noqa: E402
-from minillm.knowledge_plugin import (KGVocab, KnowledgeEmbeddings, KnowledgePlugin, Link,  # noqa: E402
-                                      MapperConfig, NameLinker, PluginLM, PluginSequence,
-                                      TransEConfig, build_sequence, evaluate_loss, link_prediction,
-                                      load_knowledge, read_triples, save_knowledge, train_transe,
-                                      tune_mapper, weights_digest)
-from minillm.model import IGNORE_INDEX, ModelConfig  # noqa: E402
-from minillm.sft import PackedLoader, encode_example, pack  # noqa: E402
-from minillm.tokenizer import train_bpe  # noqa: E402
-from minillm.train import TrainConfig, Trainer  # noqa: E402
+from minillm.cli import parse_config
+from minillm.distributed import DistInfo
+from minillm.errors import UserError, run_main
+from minillm.evaluate import multiple_choice
+from minillm.methods.knowledge_plugin import (KGVocab, KnowledgeEmbeddings, KnowledgePlugin, Link,
+                                              MapperConfig, NameLinker, PluginLM, PluginSequence,
+                                              TransEConfig, build_sequence, evaluate_loss, link_prediction,
+                                              load_knowledge, read_triples, save_knowledge, train_transe,
+                                              tune_mapper, weights_digest)
+from minillm.model import IGNORE_INDEX, ModelConfig
+from minillm.sft import PackedLoader, encode_example, pack
+from minillm.tokenizer import train_bpe
+from minillm.train import TrainConfig, Trainer
 
 PROFESSIONS = {"doctor": "hospital", "baker": "bakery", "farmer": "farm", "sailor": "harbour",
                "teacher": "school", "painter": "studio"}

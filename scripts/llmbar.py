@@ -10,32 +10,30 @@ GPT trained here for `--train-steps` on the standard library's docstrings) whose
 the log-likelihoods of " Output (a)" and " Output (b)". With `--base-url` and `--model` it is any
 OpenAI-compatible server (vLLM, llama.cpp's server, a hosted API; key from `--api-key-env`), whose
 verdict is parsed from its generated answer. `--data` is the released LLMBar folder (the paper's
-repository, `Dataset/LLMBar`); without it, the constructed offline set of `minillm.llmbar`.
+repository, `Dataset/LLMBar`); without it, the constructed offline set of `minillm.methods.llmbar`.
 Prints accuracy and positional agreement per subset and strategy, beside two scripted evaluators
 (always "(a)", and "the longer output"), and writes `results.json` to `--out-dir`.
 """
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm import distributed  # noqa: E402
-from minillm.backends import OpenAIClient  # noqa: E402
-from minillm.cli import parse_config  # noqa: E402
-from minillm.corpus import stdlib_docstrings  # noqa: E402
-from minillm.data import prepare  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.generate import LocalLM  # noqa: E402
-from minillm.llmbar import (LMEvaluator, Strategy, constructed_set, format_report,  # noqa: E402
-                            load_folder, meta_evaluate, write_folder)
-from minillm.model import load_model, save_model  # noqa: E402
-from minillm.tokenizer import train_bpe  # noqa: E402
-from minillm.train import TrainConfig, Trainer  # noqa: E402
+from minillm import distributed
+from minillm.backends import OpenAIClient
+from minillm.cli import parse_config
+from minillm.corpus import stdlib_docstrings
+from minillm.data import prepare
+from minillm.errors import UserError, run_main
+from minillm.generate import LocalLM
+from minillm.methods.llmbar import (LMEvaluator, Strategy, constructed_set, format_report,
+                                    load_folder, meta_evaluate, write_folder)
+from minillm.checkpoint import load_model, save_model
+from minillm.tokenizer import train_bpe
+from minillm.train import TrainConfig, Trainer
 
 
 @dataclass
@@ -137,7 +135,7 @@ def main(argv=None):
         subsets, source = load_folder(cfg.data), cfg.data
     else:
         subsets = constructed_set(per_family=2 if cfg.tiny else cfg.per_family, seed=cfg.seed)
-        source = "the constructed set (minillm.llmbar.constructed_set)"
+        source = "the constructed set (minillm.methods.llmbar.constructed_set)"
         if cfg.save_constructed:
             write_folder(cfg.save_constructed, subsets)
             print(f"wrote the constructed set to {cfg.save_constructed}")

@@ -12,17 +12,15 @@ its `request` record, as crawlers write them. With `--shards N` the pages are de
 N files named like `--out` with `-00000` ... before the suffix. Needs warcio (`.[data]`).
 """
 
-import argparse
 import io
 import random
-import sys
 from pathlib import Path
 
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.errors import UserError, run_main  # noqa: E402
+from minillm.cli import ArgumentParser
+from minillm.errors import UserError, run_main
 
 
 def shard_paths(out: str, shards: int) -> list[Path]:
@@ -34,7 +32,7 @@ def shard_paths(out: str, shards: int) -> list[Path]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--html", required=True, nargs="+", help="folders of .html files")
     ap.add_argument("--out", required=True, help="WARC file to write (.warc.gz, or .warc uncompressed)")
     ap.add_argument("--max-pages", type=int, default=300, help="0 for all pages")

@@ -1,6 +1,6 @@
 """Emergent modularity at small scale: are there functional experts in a tiny ReLU LM trained on
 text with planted functions, does perturbing them hurt their own function most, and when does the
-expert structure settle compared with single neurons? (minillm/modularity.py; Zhang et al. 2023)
+expert structure settle compared with single neurons? (minillm/methods/modularity.py; Zhang et al. 2023)
 
     python scripts/modularity.py                  # trains the tiny LM, then the three tables
     python scripts/modularity.py --tiny true      # seconds: a smoke run
@@ -24,28 +24,26 @@ between adjacent checkpoints (final clusters for all; per-checkpoint clusters ma
 """
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm import distributed  # noqa: E402
-from minillm.cli import parse_config  # noqa: E402
-from minillm.corpus import stdlib_docstrings  # noqa: E402
-from minillm.data import prepare  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.hf import load_hf, load_hf_tokenizer  # noqa: E402
-from minillm.model import load_model, preset  # noqa: E402
-from minillm.modularity import (ProbingSet, collect_activations, emergence,  # noqa: E402
-                                expert_units, find_functional_experts, function_loss,
-                                modularity_summary, moefication_partitions, predictivity,
-                                random_baseline, random_units, separation, top_units)
-from minillm.tokenizer import load_tokenizer, train_bpe  # noqa: E402
-from minillm.train import TrainConfig, Trainer  # noqa: E402
+from minillm import distributed
+from minillm.cli import parse_config
+from minillm.corpus import stdlib_docstrings
+from minillm.data import prepare
+from minillm.errors import UserError, run_main
+from minillm.hf import load_hf, load_hf_tokenizer, load_any_tokenizer
+from minillm.model import preset
+from minillm.checkpoint import load_model
+from minillm.methods.modularity import (ProbingSet, collect_activations, emergence,
+                                        expert_units, find_functional_experts, function_loss,
+                                        modularity_summary, moefication_partitions, predictivity,
+                                        random_baseline, random_units, separation, top_units)
+from minillm.tokenizer import train_bpe
+from minillm.train import TrainConfig, Trainer
 
 
 @dataclass
@@ -289,7 +287,7 @@ def train_planted(cfg: ModularityConfig, out: Path):
                             log_interval=max(cfg.steps // 6, 1), seed=cfg.seed, overwrite=True,
                             progress=False)
     dist = distributed.setup("auto")
-    vocab_size = load_tokenizer(data / "tokenizer.json").vocab_size
+    vocab_size = load_any_tokenizer(data / "tokenizer.json").vocab_size
     model_cfg = preset("tiny-gpt", vocab_size=vocab_size, block_size=cfg.block_size,
                        n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=4, activation="relu", init_std=cfg.init_std)
     trainer = Trainer(train_cfg, dist, model_config=model_cfg)

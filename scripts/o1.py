@@ -4,7 +4,7 @@
     python scripts/o1.py --tiny true          # a seconds-long smoke run
     python scripts/o1.py --budgets 1 2 4 8 16 --eval-problems 200
 
-Trains (or reuses, from `--out-dir`) a tiny GPT policy on worked column additions (`minillm.o1`:
+Trains (or reuses, from `--out-dir`) a tiny GPT policy on worked column additions (`minillm.methods.o1`:
 pretraining, then SFT), samples chains on train problems of `--eval-level`, labels them with the
 checker to train an outcome reward model (ORM) and with Monte-Carlo rollouts to train a process
 reward model (PRM). Then, on held-out problems of `--eval-level`, every method answers each question
@@ -16,18 +16,16 @@ writes `results.json` to `--out-dir`.
 """
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm import o1  # noqa: E402
-from minillm.cli import parse_config  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.tasks import Arithmetic, check, prompt  # noqa: E402
+from minillm.methods import o1
+from minillm.cli import parse_config
+from minillm.errors import UserError, run_main
+from minillm.tasks import Arithmetic, check
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The o1 roadmap, part 2: does learning from search beat plain SFT? (minillm.o1_learning)
+"""The o1 roadmap, part 2: does learning from search beat plain SFT? (minillm.methods.o1_learning)
 
     python scripts/o1_learn.py                 # the default run (README: numbers and time measured)
     python scripts/o1_learn.py --tiny          # a smoke run of a few seconds (the test)
@@ -7,7 +7,7 @@ The setting is the one where learning from search has something to learn from: w
 are few (`--policy-problems-per-level` per level), questions with checkable answers are many.
 
 Steps:
-1. The policy: `minillm.o1.train_policy` (pretraining + SFT on worked solutions of
+1. The policy: `minillm.methods.o1.train_policy` (pretraining + SFT on worked solutions of
    `--policy-levels`), trained once and cached in `OUT_DIR/policy`.
 2. From that one policy, each learner runs `--rounds` rounds of `--steps-per-round` optimizer
    steps: expert iteration, GRPO and DPO sample `--group-size` chains for each of
@@ -29,22 +29,20 @@ resumes at the round it was in); the table is printed and written to `OUT_DIR/re
 
 import dataclasses
 import json
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.cli import parse_config  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.o1 import (OutcomeRewardModel, PolicyConfig, ProcessRewardModel, canonical,  # noqa: E402
-                        policy_problems, process_examples, task_problems, train_orm, train_policy,
-                        train_prm)
-from minillm.o1_learning import METHODS, LearnConfig, run_rounds, sample_rollouts  # noqa: E402
-from minillm.tasks import Arithmetic  # noqa: E402
+from minillm.cli import parse_config
+from minillm.fileio import write_json
+from minillm.errors import UserError, run_main
+from minillm.methods.o1 import (OutcomeRewardModel, PolicyConfig, ProcessRewardModel, canonical,
+                                policy_problems, process_examples, task_problems, train_orm, train_policy,
+                                train_prm)
+from minillm.methods.o1_learning import METHODS, LearnConfig, run_rounds, sample_rollouts
+from minillm.tasks import Arithmetic
 
 
 @dataclass
@@ -54,7 +52,7 @@ class O1LearnConfig:
     tiny: bool = field(default=False, metadata={"help": "a smoke run: tiny policy, one round"})
     methods: list[str] = field(default_factory=lambda: ["expert", "grpo", "dpo"], metadata={
         "help": "learners compared with the SFT control: expert, grpo, dpo"})
-    # the policy (minillm.o1.PolicyConfig)
+    # the policy (minillm.methods.o1.PolicyConfig)
     policy_levels: list[int] = field(default_factory=lambda: [1, 2, 3])
     policy_problems_per_level: int = field(default=300, metadata={
         "help": "worked solutions per level for the policy (few: questions outnumber solutions)"})
@@ -129,14 +127,8 @@ def reward_model(kind: str, cfg: O1LearnConfig, policy, questions, out: Path):
         rm = train_orm(policy.model, policy.tokenizer, problems, texts, cfg.rm_steps, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     rm.save(path)
-    write_json(stamp, settings)
+    write_json(stamp, settings, indent=1)
     return rm
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def table(results: dict[str, list[dict]], key: str) -> list[str]:
@@ -206,7 +198,7 @@ def main(cfg: O1LearnConfig) -> dict:
                                      log=lambda s: print(s, flush=True))
     seconds = time.perf_counter() - t0
     summary = {"config": dataclasses.asdict(cfg), "results": results, "seconds": round(seconds, 1)}
-    write_json(out / "results.json", summary)
+    write_json(out / "results.json", summary, indent=1)
     for name in eval_sets:
         print(f"\ngreedy accuracy on held-out {name} problems ({len(eval_sets[name])}), per round:")
         print("\n".join(table(results, f"acc/{name}")))

@@ -5,17 +5,15 @@
 Needs matplotlib (`pip install -e ".[plot]"`); without it, prints the losses as a table.
 """
 
-import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.errors import run_main  # noqa: E402
-from minillm.plotting import loss_table, plot_metrics, read_metrics  # noqa: E402
+from minillm.cli import ArgumentParser
+from minillm.errors import run_main
+from minillm.plotting import loss_table, plot_metrics, read_metrics
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("metrics", help="metrics.jsonl written by the trainer")
     ap.add_argument("--out", help="PNG file (default: loss.png beside the metrics file)")
     args = ap.parse_args(argv)

@@ -10,17 +10,16 @@ same inputs is left as it is unless `--overwrite true`.
 """
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.cli import parse_config  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.corpus import read_documents  # noqa: E402
-from minillm.data import prepare  # noqa: E402
-from minillm.tokenizer import EOT, PATTERNS, load_tokenizer, train_bpe  # noqa: E402
+from minillm.cli import parse_config
+from minillm.errors import UserError, run_main
+from minillm.corpus import read_documents
+from minillm.data import prepare
+from minillm.hf import load_any_tokenizer
+from minillm.tokenizer import EOT, PATTERNS, train_bpe
 
 
 @dataclass
@@ -51,7 +50,7 @@ def main():
             return
     t0 = time.perf_counter()
     if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = load_any_tokenizer(cfg.tokenizer)
     else:
         if cfg.pattern not in PATTERNS:
             raise UserError(f"--pattern must be one of {sorted(PATTERNS)}, got {cfg.pattern!r}")

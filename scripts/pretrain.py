@@ -15,15 +15,13 @@ settings saved in the checkpoint: flags given with it override them where that i
 or the random state is refused by name.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm import distributed  # noqa: E402
-from minillm.cli import given_fields, parse_config  # noqa: E402
-from minillm.errors import run_main  # noqa: E402
-from minillm.rectify_router import FillInRectification, IntraGPURectification  # noqa: E402
-from minillm.train import TrainConfig, Trainer, resume_config  # noqa: E402
+from minillm import distributed
+from minillm.cli import given_fields, parse_config
+from minillm.errors import run_main
+from minillm.methods.rectify_router import FillInRectification, IntraGPURectification
+from minillm.train import TrainConfig, Trainer
+from minillm.checkpoint import resume_config
 
 
 def plan_transforms(cfg: TrainConfig) -> list:

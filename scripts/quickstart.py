@@ -11,21 +11,19 @@
    (or a printed loss table when matplotlib is absent) in `--out-dir`.
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm import distributed  # noqa: E402
-from minillm.cli import parse_config  # noqa: E402
-from minillm.errors import run_main  # noqa: E402
-from minillm.corpus import stdlib_docstrings  # noqa: E402
-from minillm.data import prepare  # noqa: E402
-from minillm.generate import LocalLM  # noqa: E402
-from minillm.model import save_model  # noqa: E402
-from minillm.plotting import loss_table, plot_metrics, read_metrics  # noqa: E402
-from minillm.tokenizer import train_bpe  # noqa: E402
-from minillm.train import TrainConfig, Trainer  # noqa: E402
+from minillm import distributed
+from minillm.cli import parse_config
+from minillm.errors import run_main
+from minillm.corpus import stdlib_docstrings
+from minillm.data import prepare
+from minillm.generate import LocalLM
+from minillm.checkpoint import save_model
+from minillm.plotting import loss_table, plot_metrics, read_metrics
+from minillm.tokenizer import train_bpe
+from minillm.train import TrainConfig, Trainer
 
 PROMPTS = ["Return the", "This module provides"]
 

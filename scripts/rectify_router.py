@@ -16,20 +16,18 @@ starts every run over.
 
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm import distributed  # noqa: E402
-from minillm.cli import parse_config  # noqa: E402
-from minillm.corpus import stdlib_docstrings  # noqa: E402
-from minillm.data import prepare  # noqa: E402
-from minillm.moe import MoE, MoEConfig, replace_ffns_with_moe  # noqa: E402
-from minillm.rectify_router import FillInRectification, IntraGPURectification  # noqa: E402
-from minillm.tokenizer import train_bpe  # noqa: E402
-from minillm.train import TrainConfig, Trainer  # noqa: E402
+from minillm import distributed
+from minillm.cli import parse_config
+from minillm.corpus import stdlib_docstrings
+from minillm.data import prepare
+from minillm.moe import MoE, MoEConfig, replace_ffns_with_moe
+from minillm.methods.rectify_router import FillInRectification, IntraGPURectification
+from minillm.tokenizer import train_bpe
+from minillm.train import TrainConfig, Trainer
 
 VARIANTS = {  # name: (top-k, plan transforms)
     "top-1": (1, []),

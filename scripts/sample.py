@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.cli import parse_config  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.generate import LocalLM  # noqa: E402
-from minillm.model import load_model  # noqa: E402
+from minillm.cli import parse_config
+from minillm.errors import UserError, run_main
+from minillm.generate import LocalLM
+from minillm.checkpoint import load_model
 
 
 @dataclass

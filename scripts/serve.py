@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from minillm.checkpoint import load_model
 from minillm.cli import parse_config
 from minillm.errors import UserError, run_main
 from minillm.hf import load_hf, load_hf_tokenizer
-from minillm.model import load_model
 from minillm.serve import Engine, serve_forever
 
 DTYPES = ("float32", "bfloat16", "float16")

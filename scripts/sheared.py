@@ -17,24 +17,23 @@ seen the same number of tokens after the source.
 """
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm import distributed  # noqa: E402
-from minillm.cli import parse_config  # noqa: E402
-from minillm.corpus import stdlib_docstrings  # noqa: E402
-from minillm.data import TokenDataset, parse_domains, prepare  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.evaluate import evaluate_loss  # noqa: E402
-from minillm.model import GPT, ModelConfig, load_model, preset, save_model  # noqa: E402
-from minillm.sheared import (DynamicBatchLoading, PruningSchedule, ShearingMasks,  # noqa: E402
-                             TargetShape, compact, load_reference_losses, magnitude_masks)
-from minillm.tokenizer import tokenizer_from_dict, train_bpe  # noqa: E402
-from minillm.train import TrainConfig, Trainer  # noqa: E402
+from minillm import distributed
+from minillm.cli import parse_config
+from minillm.corpus import stdlib_docstrings
+from minillm.data import TokenDataset, parse_domains, prepare
+from minillm.errors import UserError, run_main
+from minillm.evaluate import evaluate_loss
+from minillm.model import GPT, ModelConfig, preset
+from minillm.checkpoint import load_model, save_model
+from minillm.methods.sheared import (DynamicBatchLoading, PruningSchedule, ShearingMasks,
+                                     TargetShape, compact, load_reference_losses, magnitude_masks)
+from minillm.tokenizer import tokenizer_from_dict, train_bpe
+from minillm.train import TrainConfig, Trainer
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""SSD (switchable sparse-dense training, minillm/ssd.py) against dense training on the same data.
+"""SSD (switchable sparse-dense training, minillm/methods/ssd.py) against dense training on the same data.
 
     python scripts/ssd.py                 # the default comparison (see README, "SSD")
     python scripts/ssd.py --tiny true     # seconds: a smoke run
@@ -6,7 +6,7 @@
 For each seed: an SSD run of `--max-steps` steps; a dense run of the same steps; a dense run with
 as many steps as fit in the SSD run's executed training FLOPs (the baseline at equal compute: its
 cosine schedule is laid out over its own, shorter run). FLOPs are counted as executed by
-`minillm.ssd.FlopMeter` in all runs. Then the final SSD model is evaluated dense and as an MoE at
+`minillm.methods.ssd.FlopMeter` in all runs. Then the final SSD model is evaluated dense and as an MoE at
 several top-k (same weights), with its inference tokens/s. Prints mean +- sd over the seeds and
 writes `results.json` in `--out-dir`.
 """
@@ -16,23 +16,21 @@ import resource
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.cli import parse_config  # noqa: E402
-from minillm.corpus import stdlib_docstrings  # noqa: E402
-from minillm.data import TokenDataset, eval_batches, prepare  # noqa: E402
-from minillm.distributed import DistInfo  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.model import preset  # noqa: E402
-from minillm.ssd import SSD, SSDConfig, check_ssd, dense_flop_meter, to_moe  # noqa: E402
-from minillm.tokenizer import train_bpe  # noqa: E402
-from minillm.train import TrainConfig, Trainer  # noqa: E402
+from minillm.cli import parse_config
+from minillm.corpus import stdlib_docstrings
+from minillm.data import TokenDataset, eval_batches, prepare
+from minillm.distributed import DistInfo
+from minillm.errors import UserError, run_main
+from minillm.model import preset
+from minillm.methods.ssd import SSD, SSDConfig, check_ssd, dense_flop_meter, to_moe
+from minillm.tokenizer import train_bpe
+from minillm.train import TrainConfig, Trainer
 
 
 @dataclass

@@ -7,16 +7,14 @@
 standard library's docstrings, no download). `--max-mb` caps how much text is used for training.
 """
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.cli import parse_config  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.corpus import read_documents  # noqa: E402
-from minillm.tokenizer import EOT, PATTERNS, train_bpe  # noqa: E402
+from minillm.cli import parse_config
+from minillm.errors import UserError, run_main
+from minillm.corpus import read_documents
+from minillm.tokenizer import EOT, PATTERNS, train_bpe
 
 
 @dataclass

@@ -16,10 +16,9 @@ report.json), and a warning says so. `--strict` (or `--strict true`) fails at th
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.cli import parse_config  # noqa: E402
-from minillm.errors import UserError, run_main  # noqa: E402
-from minillm.wanjuan_cc import PipelineConfig, format_report, run  # noqa: E402
+from minillm.cli import parse_config
+from minillm.errors import UserError, run_main
+from minillm.methods.wanjuan_cc import PipelineConfig, format_report, run
 
 
 def bare_flags(argv: list[str], names: tuple[str, ...] = ("--strict",)) -> list[str]:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minillm.aor import (AoRConfig, ConstantJudge, LLMJudge, NoisyOracleJudge, ORMJudge, aggregate,
-                         bucket_by_answer, majority_vote, parse_scores, pool_sampler)
+from minillm.methods.aor import (AoRConfig, ConstantJudge, LLMJudge, NoisyOracleJudge, ORMJudge, aggregate,
+                                 bucket_by_answer, majority_vote, parse_scores, pool_sampler)
 from minillm.cli import parse_config
 from minillm.errors import run_main
 from minillm.generate import Completion

@@ -11,14 +11,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
-from safetensors.torch import save_file  # noqa: E402
-from transformers import (AutoConfig, AutoModelForCausalLM, LlamaTokenizer,  # noqa: E402
+from safetensors.torch import save_file
+from transformers import (AutoConfig, AutoModelForCausalLM, LlamaTokenizer,
                           PreTrainedTokenizerFast)
 
-from minillm.errors import UserError  # noqa: E402
-from minillm.hf import config_from_hf, load_hf, load_hf_tokenizer, save_hf  # noqa: E402
-from minillm.model import GPT, ModelConfig  # noqa: E402
-from tests.test_hf import GPT2_CASES, LLAMA_CASES, MINILLM_CASES, PROBES, hf_model  # noqa: E402
+from minillm.errors import UserError
+from minillm.hf import config_from_hf, load_hf, load_hf_tokenizer, save_hf
+from minillm.model import GPT, ModelConfig
+from tests.test_hf import GPT2_CASES, LLAMA_CASES, MINILLM_CASES, PROBES, hf_model
 
 MORE_PROBES = ["The year 2024 had 366 days.", "tabs\tand\nnewlines\n\n\nend  ", "ẞtraße — “quotes” …",
                "def f(x):\n    return x ** 2  # square", "emoji 🦙🦙 and 한국어", "trailing space ",

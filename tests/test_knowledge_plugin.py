@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from minillm.generate import continuation_logprobs, generate_ids
-from minillm.knowledge_plugin import (KGVocab, KnowledgeEmbeddings, KnowledgePlugin, Link,
-                                      MapperConfig, NameLinker, PluginLM, SpanError,
-                                      TransEConfig, TripleFileError, UnknownEntityError,
-                                      build_sequence, corrupt, evaluate_loss, link_prediction,
-                                      load_knowledge, plugin_continuation_logprobs,
-                                      plugin_generate_ids, read_triples, save_knowledge,
-                                      span_to_tokens, token_byte_spans, train_transe, tune_mapper,
-                                      weights_digest)
+from minillm.methods.knowledge_plugin import (KGVocab, KnowledgeEmbeddings, KnowledgePlugin, Link,
+                                              MapperConfig, NameLinker, PluginLM, SpanError,
+                                              TransEConfig, TripleFileError, UnknownEntityError,
+                                              build_sequence, corrupt, evaluate_loss, link_prediction,
+                                              load_knowledge, plugin_continuation_logprobs,
+                                              plugin_generate_ids, read_triples, save_knowledge,
+                                              span_to_tokens, token_byte_spans, train_transe, tune_mapper,
+                                              weights_digest)
 from minillm.model import IGNORE_INDEX, GPT, ModelConfig
 from minillm.tokenizer import train_bpe
 

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from minillm.errors import UserError
-from minillm.llmbar import (LMEvaluator, Pair, Strategy, constructed_set, load_folder, load_subset,
-                            meta_evaluate, parse_verdict, write_folder)
+from minillm.methods.llmbar import (LMEvaluator, Pair, Strategy, constructed_set, load_folder, load_subset,
+                                    meta_evaluate, parse_verdict, write_folder)
 
 SUBSETS = constructed_set(per_family=3, seed=0)
 GOOD = {(p.input, p.output_1 if p.label == 1 else p.output_2)

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 from minillm.generate import generate_ids
 from minillm.model import GPT, DenseFFN, ModelConfig
-from minillm.moe import (DROPPED, MoE, MoEConfig, RoutingPlan, assign_slots, capacity_for, combine,
+from minillm.moe import (DROPPED, MoEConfig, RoutingPlan, assign_slots, capacity_for, combine,
                          dispatch, load_balancing_loss, plan_from_probs, replace_ffns_with_moe)
 from minillm.moefy import balanced_kmeans, merge_moe, moefy_ffn
 

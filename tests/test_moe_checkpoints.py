@@ -13,10 +13,11 @@ from minillm.distributed import DistInfo
 from minillm.errors import UserError
 from minillm.generate import generate_ids
 from minillm.hf import save_hf
-from minillm.model import GPT, load_model, preset, save_model
+from minillm.model import GPT, preset
+from minillm.checkpoint import load_model, save_model
 from minillm.moe import MoE, MoEConfig, active_matmul_params
 from minillm.moefy import merge_moe, moefy_ffn
-from minillm.rectify_router import FillInRectification, IntraGPURectification
+from minillm.methods.rectify_router import FillInRectification, IntraGPURectification
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer
 
@@ -135,3 +136,19 @@ def test_an_ffn_that_cannot_be_described_is_a_named_error():
     model.blocks[0].ffn = torch.nn.Identity()
     with pytest.raises(TypeError, match="layer 0's FFN is a Identity"):
         model.describe()
+
+
+def test_a_checkpoint_written_before_the_methods_moved_still_loads():
+    # Saved by main before minillm/rectify_router.py moved to minillm/methods/: its config names
+    # the transforms by their old class paths, which resolve through moe.MOVED_CLASSES.
+    path = REPO / "tests" / "fixtures" / "premove_moe_rectify.pt"
+    old_types = [t["type"] for t in torch.load(path, weights_only=True)["config"]["moe_layers"]["1"]
+                 ["plan_transforms"]]
+    assert old_types == ["minillm.rectify_router.IntraGPURectification",
+                         "minillm.rectify_router.FillInRectification"]
+    model, _, extra = load_model(path)
+    moe = model.blocks[1].ffn
+    assert [type(t) for t in moe.plan_transforms] == [IntraGPURectification, FillInRectification]
+    assert moe.plan_transforms[0].num_devices == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(extra["x"]).logits, extra["logits"])

@@ -74,7 +74,7 @@ def test_kernels_equal_reference(T, E, k, cf, dtype, d):
 @pytest.mark.gpu
 def test_rectified_moe_on_gpu_equals_cpu():
     from minillm.moe import MoE
-    from minillm.rectify_router import FillInRectification, IntraGPURectification
+    from minillm.methods.rectify_router import FillInRectification, IntraGPURectification
 
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=2, expert_hidden=32, capacity_factor=1.0, min_capacity=1)
@@ -151,13 +151,15 @@ def test_an_installed_wheel_carries_the_cuda_source(tmp_path):
     src.mkdir()
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy(repo / name, src / name)
-    shutil.copytree(repo / "minillm", src / "minillm",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for folder in ("minillm", "cuda"):  # the top-level cuda/ ships inside as minillm/cuda
+        shutil.copytree(repo / folder, src / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path / "wheel"), str(src)], check=True, timeout=300)
     wheel = next((tmp_path / "wheel").glob("minillm-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         assert "minillm/cuda/moe.cu" in z.namelist()
+        assert "minillm/methods/wanjuan_cc/pipeline.py" in z.namelist()
         z.extractall(tmp_path / "site")
     out = subprocess.run(
         [sys.executable, "-c", "from minillm import moe_kernels as m; print(m.SOURCE); "

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minillm import o1
+from minillm.methods import o1
 from minillm.generate import Completion
 from minillm.model import GPT, ModelConfig
 from minillm.tasks import make_problem, prompt

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import minillm.o1_learning as ol
+import minillm.methods.o1_learning as ol
 from minillm.errors import UserError
 from minillm.generate import continuation_logprobs
 from minillm.model import GPT, ModelConfig
-from minillm.o1_learning import (LearnConfig, Rollout, dpo_loss, group_advantages, grpo_loss,
-                                 kl_exact, kl_k3, make_batch, preference_pairs, run_rounds,
-                                 sequence_logprobs, token_logprobs, verified_chains)
+from minillm.methods.o1_learning import (LearnConfig, Rollout, dpo_loss, group_advantages, grpo_loss,
+                                         kl_exact, kl_k3, make_batch, preference_pairs, run_rounds,
+                                         sequence_logprobs, token_logprobs, verified_chains)
 from minillm.tasks import Arithmetic, prompt
 from minillm.tokenizer import train_bpe
 

@@ -11,8 +11,8 @@ import pytest
 from minillm.bm25 import BM25Index
 from minillm.data import open_shard
 from minillm.errors import UserError
-from minillm.query_of_cc import (Config, LMExpander, PRFExpander, bootstrap, dedup,
-                                 filter_near_duplicates, write_corpus)
+from minillm.methods.query_of_cc import (Config, LMExpander, PRFExpander, bootstrap, dedup,
+                                         filter_near_duplicates, write_corpus)
 from minillm.tokenizer import train_bpe
 
 spec = importlib.util.spec_from_file_location("qcc_script", Path(__file__).parents[1] / "scripts/query_of_cc.py")

@@ -1,4 +1,4 @@
-"""Rectify-Router's plan transforms (minillm/rectify_router.py) and its small-scale experiment
+"""Rectify-Router's plan transforms (minillm/methods/rectify_router.py) and its small-scale experiment
 (scripts/rectify_router.py)."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from minillm.moe import MoE, MoEConfig, plan_from_probs
-from minillm.rectify_router import FillInRectification, IntraGPURectification
+from minillm.methods.rectify_router import FillInRectification, IntraGPURectification
 from tests.test_moe import random_plan
 
 

@@ -18,9 +18,10 @@ import torch
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from minillm.checkpoint import load_model, save_model  # noqa: E402
 from minillm.errors import run_main  # noqa: E402
 from minillm.generate import LocalLM  # noqa: E402
-from minillm.model import GPT, ModelConfig, load_model, save_model  # noqa: E402
+from minillm.model import GPT, ModelConfig  # noqa: E402
 from minillm.tasks import Arithmetic  # noqa: E402
 from minillm.tokenizer import train_bpe  # noqa: E402
 

@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minillm.corpus import stdlib_docstrings
-from minillm.wanjuan_cc import Pipeline, PipelineConfig, run
-from minillm.wanjuan_cc import rules
-from minillm.wanjuan_cc.extract import decode_html, extract_text
-from minillm.wanjuan_cc.language import LanguageFilter, identify
-from minillm.wanjuan_cc.minhash import (MinHasher, candidate_probability, exact_jaccard,
-                                        jaccard_estimate, lsh_params)
-from minillm.wanjuan_cc.quality import HashedNgramClassifier
-from minillm.wanjuan_cc.safety import SafetyFilter, domain_blocked, mask_pii
+from minillm.methods.wanjuan_cc import Pipeline, PipelineConfig, run
+from minillm.methods.wanjuan_cc import rules
+from minillm.methods.wanjuan_cc.extract import decode_html, extract_text
+from minillm.methods.wanjuan_cc.language import LanguageFilter, identify
+from minillm.minhash import (MinHasher, candidate_probability, exact_jaccard,
+                             jaccard_estimate, lsh_params)
+from minillm.methods.wanjuan_cc.quality import HashedNgramClassifier
+from minillm.methods.wanjuan_cc.safety import SafetyFilter, domain_blocked, mask_pii
 
 PROSE = ("The committee met on Tuesday to discuss the new library building. Members agreed that the "
          "reading rooms should stay open in the evening, and that the collection of local history "

@@ -6,9 +6,9 @@ from collections import Counter
 
 from hypothesis import given, settings, strategies as st
 
-from minillm.wanjuan_cc import rules
-from minillm.wanjuan_cc.language import identify, script_shares
-from minillm.wanjuan_cc.safety import EMAIL, IPV4, IPV6, PHONE, mask_pii
+from minillm.methods.wanjuan_cc import rules
+from minillm.methods.wanjuan_cc.language import identify, script_shares
+from minillm.methods.wanjuan_cc.safety import EMAIL, IPV4, IPV6, PHONE, mask_pii
 
 # Words drawn from a small vocabulary so that n-grams repeat, with punctuation, digits, non-ASCII
 # letters and symbols, joined by assorted whitespace.
@@ -80,7 +80,7 @@ def test_fast_counts_equal_their_definitions(text):
 @given(st.one_of(texts(), st.text(max_size=400)))
 def test_language_fast_path_equals_per_character_lookup(text):
     import unicodedata
-    from minillm.wanjuan_cc.language import _SCRIPTS
+    from minillm.methods.wanjuan_cc.language import _SCRIPTS
     counts = Counter()
     for ch in text[:5000]:
         if ch.isalpha():
@@ -110,7 +110,7 @@ def test_pii_prefilters_never_change_the_result(pieces):
 
 def test_minhash_batches_change_nothing():
     from minillm.corpus import stdlib_docstrings
-    from minillm.wanjuan_cc.minhash import MinHasher
+    from minillm.minhash import MinHasher
     docs = [d for d in stdlib_docstrings() if len(d) > 300][:300]
     hasher = MinHasher()
     whole = hasher.signatures(docs, max_batch_chars=10**9)

@@ -16,17 +16,17 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from minillm.corpus import stdlib_docstrings
 from minillm.errors import UserError
-from minillm.wanjuan_cc import PipelineConfig, run
-from minillm.wanjuan_cc.extract import decode_html, extract_text
-from minillm.wanjuan_cc.language import LanguageFilter
-from minillm.wanjuan_cc.limits import CpuTimeLimit, DocumentLimit, nesting_depth
-from minillm.wanjuan_cc.minhash import exact_jaccard
-from minillm.wanjuan_cc.read import Dropped, read_jsonl, read_warc
-from minillm.wanjuan_cc.rules import RuleSet
+from minillm.methods.wanjuan_cc import PipelineConfig, run
+from minillm.methods.wanjuan_cc.extract import decode_html, extract_text
+from minillm.methods.wanjuan_cc.language import LanguageFilter
+from minillm.methods.wanjuan_cc.limits import CpuTimeLimit, DocumentLimit, nesting_depth
+from minillm.minhash import exact_jaccard
+from minillm.methods.wanjuan_cc.read import Dropped, read_jsonl, read_warc
+from minillm.methods.wanjuan_cc.rules import RuleSet
 
 warcio = pytest.importorskip("warcio")
-from warcio.statusandheaders import StatusAndHeaders  # noqa: E402
-from warcio.warcwriter import WARCWriter  # noqa: E402
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +222,7 @@ def test_oversized_documents_are_rejected_as_they_stream(tmp_path, prose):
 
 
 def test_time_limit_rejects_a_slow_document_and_the_run_goes_on(tmp_path, prose, monkeypatch):
-    from minillm.wanjuan_cc import pipeline
+    from minillm.methods.wanjuan_cc import pipeline
 
     def slow_on_marker(html, content_type=None, backend="stdlib"):
         if "SLOW" in html:
@@ -408,7 +408,7 @@ def test_workers_share_one_pool_and_match_one_process(tmp_path, prose):
 
 def test_pipeline_does_not_import_torch_without_a_quality_model(tmp_path, prose):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in prose[:3]))
-    code = ("import sys; from minillm.wanjuan_cc import PipelineConfig, run; "
+    code = ("import sys; from minillm.methods.wanjuan_cc import PipelineConfig, run; "
             f"r = run(PipelineConfig(inputs=[{str(tmp_path / 'a.jsonl')!r}], out_dir={str(tmp_path / 'o')!r})); "
             "assert r['kept'] == 3, r; print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -417,7 +417,7 @@ def test_pipeline_does_not_import_torch_without_a_quality_model(tmp_path, prose)
 
 
 def test_report_lists_errors_and_the_text_line(tmp_path, prose):
-    from minillm.wanjuan_cc import format_report
+    from minillm.methods.wanjuan_cc import format_report
     report, _ = run_on(tmp_path, {"a.warc.gz": warc_bytes(pages(prose[:2])) + b"junk" * 50})
     text = format_report(report)
     assert f"records: {report['read']} read = 2 kept + 0 rejected + 0 skipped + 1 unreadable" in text

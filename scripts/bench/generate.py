@@ -6,20 +6,18 @@ Before timing, checks that both paths produce the same greedy tokens (the cache 
 having if it is exact). Prints a table of tokens/s and the speed-up.
 """
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from minillm.generate import generate_ids  # noqa: E402
-from minillm.model import GPT, PRESETS, preset  # noqa: E402
+from minillm.cli import ArgumentParser
+from minillm.generate import generate_ids
+from minillm.model import GPT, PRESETS, preset
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="tiny-llama", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)

@@ -12,17 +12,14 @@ combine). The last line is the verdict: if the kernels lose to the reference, ma
 the default (`minillm.moe_kernels.KERNELS_BY_DEFAULT = False`; MINILLM_MOE_KERNELS=1 opts in).
 """
 
-import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from minillm import moe_kernels  # noqa: E402
-from minillm.moe import MoEConfig, assign_slots, combine, dispatch, plan_from_probs  # noqa: E402
+from minillm.cli import ArgumentParser
+from minillm import moe_kernels
+from minillm.moe import MoEConfig, assign_slots, combine, dispatch, plan_from_probs
 
 INDEX = 8  # bytes per int64 index
 
@@ -80,7 +77,7 @@ def path_fns(probs, cfg, T, kernel: bool):
 
 def main(argv=None):
     cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=65536 if cuda else 4096)
     ap.add_argument("--dim", type=int, default=2048 if cuda else 256)
     ap.add_argument("--experts", type=int, default=64)

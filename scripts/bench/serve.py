@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from minillm.backends import OpenAIClient
+from minillm.checkpoint import save_model
 from minillm.corpus import stdlib_docstrings
 from minillm.generate import LocalLM
-from minillm.model import GPT, PRESETS, preset, save_model
+from minillm.model import GPT, PRESETS, preset
 from minillm.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[2]

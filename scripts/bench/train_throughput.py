@@ -21,7 +21,6 @@ Prints ms/step, tokens/s and MFU (from `GPT.flops_per_token`, the PaLM formula n
 the card's dense bf16 peak).
 """
 
-import argparse
 import sys
 import tempfile
 import time
@@ -29,18 +28,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from minillm.corpus import stdlib_docstrings  # noqa: E402
-from minillm.data import prepare  # noqa: E402
-from minillm.distributed import DistInfo  # noqa: E402
-from minillm.model import GPT, PRESETS, preset  # noqa: E402
-from minillm.tokenizer import train_bpe  # noqa: E402
-from minillm.train import TrainConfig, Trainer, make_optimizer, peak_flops  # noqa: E402
+from minillm.cli import ArgumentParser
+from minillm.corpus import stdlib_docstrings
+from minillm.data import prepare
+from minillm.distributed import DistInfo
+from minillm.model import GPT, PRESETS, preset
+from minillm.tokenizer import train_bpe
+from minillm.train import TrainConfig, Trainer, make_optimizer, peak_flops
 
 
 def parse_args():
     cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="default: gpt2 on cuda, tiny-gpt on cpu")

@@ -8,7 +8,7 @@ import torch
 
 from minillm import distributed
 from minillm.model import preset
-from minillm.ssd import SSD, SSDConfig
+from minillm.methods.ssd import SSD, SSDConfig
 from minillm.train import TrainConfig, Trainer
 
 data, out = sys.argv[1], sys.argv[2]

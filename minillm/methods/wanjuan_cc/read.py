@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ...errors import UserError
 
 TEXT_FILES_PER_SHARD = 500
 WARC_SUFFIXES = (".warc", ".warc.gz", ".arc", ".arc.gz")

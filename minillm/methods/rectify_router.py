@@ -35,7 +35,7 @@ import dataclasses
 
 import torch
 
-from .moe import DROPPED, OUTSIDE, RoutingPlan, assign_slots
+from ..moe import DROPPED, OUTSIDE, RoutingPlan, assign_slots
 
 
 def _replace(plan: RoutingPlan, token, expert, slot, weight) -> RoutingPlan:

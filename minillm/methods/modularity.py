@@ -41,10 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .model import GPT, DenseFFN
-from .moe import MoE
-from .moefy import balanced_kmeans
+from ..errors import UserError
+from ..model import GPT, DenseFFN
+from ..moe import MoE
+from ..moefy import balanced_kmeans
 
 SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 

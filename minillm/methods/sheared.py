@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import UserError
-from .model import GPT, PRESETS, Masks, ModelConfig
+from ..errors import UserError
+from ..model import GPT, PRESETS, Masks, ModelConfig
 
 # Hard-concrete constants of the paper (stretch interval (l, r), temperature beta) and the initial
 # log_alpha: about 5 keeps every unit at first (P(z != 0) = 0.9986).

@@ -54,8 +54,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .generate import LanguageModel
-from .tasks import Problem, check, extract_answer
+from ..generate import LanguageModel
+from ..tasks import Problem, check, extract_answer
 
 MAX_SCORE = 10.0
 
@@ -138,7 +138,7 @@ class NoisyOracleJudge:
 class OutcomeScorer(Protocol):
     def score(self, problems: list[Problem], texts: list[str]) -> list[float]:
         """Probability that each text, a solution of its problem, reaches the right answer
-        (`minillm.o1.OutcomeRewardModel` is one)."""
+        (`minillm.methods.o1.OutcomeRewardModel` is one)."""
 
 
 class ORMJudge:

@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bm25 import BM25Index, word_tokenize
-from .data import prepare
-from .errors import UserError
-from .wanjuan_cc.minhash import MinHasher, UnionFind, band_hashes, exact_jaccard, lsh_params
+from ..bm25 import BM25Index, word_tokenize
+from ..data import prepare
+from ..errors import UserError
+from ..minhash import MinHasher, UnionFind, band_hashes, exact_jaccard, lsh_params
 
 # --- prompts (our own) ------------------------------------------------------------------------------
 

@@ -38,8 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .generate import LanguageModel
+from ..errors import UserError
+from ..generate import LanguageModel
 
 PAPER_SUBSETS = ("Natural", "Adversarial/Neighbor", "Adversarial/GPTInst", "Adversarial/GPTOut",
                  "Adversarial/Manual")
