@@ -96,6 +96,9 @@ class Scheduler:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.wte.weight.device
+        # A model whose embedding is padded past the tokenizer (e.g. 50,304 rows for 50,257
+        # tokens) never picks a padding id: logits stop at the tokenizer's last id.
+        self.vocab = tokenizer.vocab_size if tokenizer is not None else model.config.vocab_size
         self._waiting: deque[list[Sequence]] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -209,7 +212,8 @@ class Scheduler:
         positions_BL = (valid_BL.long().cumsum(-1) - 1).clamp(min=0)
         cache = self.model.new_kv_cache(B, L)
         logits_BLV = self.model(ids_BL, position_ids=positions_BL,
-                                attn_mask=padded_mask(valid_BL, L), kv_cache=cache).logits
+                                attn_mask=padded_mask(valid_BL, L),
+                                kv_cache=cache).logits[..., :self.vocab]
         for b, s in enumerate(joiners):
             s.generator = torch.Generator(device=self.device).manual_seed(s.seed)
             if s.params.echo:
@@ -306,7 +310,7 @@ class Scheduler:
             [self.valid_BK, torch.ones(B, 1, dtype=torch.bool, device=self.device)], dim=1)
         self.logits_BV = self.model(tokens_B1, position_ids=self.pos_B[:, None],
                                     attn_mask=padded_mask(self.valid_BK, 1),
-                                    kv_cache=self.cache).logits[:, -1]
+                                    kv_cache=self.cache).logits[:, -1, :self.vocab]
         self.stats["steps"] += 1
 
 

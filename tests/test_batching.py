@@ -85,3 +85,19 @@ def test_the_queue_is_bounded_and_a_request_must_fit_the_batch():
     with pytest.raises(ValueError, match="at most 2"):
         scheduler.submit([sequence([1], 3)[0]] * 3)
     assert scheduler.waiting == 2
+
+
+def test_a_padded_embedding_never_yields_a_padding_id():
+    class FiftyTokens:  # a tokenizer narrower than the model's 97-row embedding
+        vocab_size = 50
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**CONFIGS["gpt"])).eval()
+    scheduler = Scheduler(model, FiftyTokens())
+    rows = [sequence([1 + i], 40, temperature=2.0, seed=i)[0] for i in range(4)]
+    with torch.no_grad():
+        for step in range(41):
+            scheduler.step(rows if step == 0 else [])
+    drawn = [t for s in rows for t in s.new_ids]
+    assert len(drawn) == 160 and max(drawn) < 50
+    unpadded = generate_ids(model, [[1]], 40, temperature=2.0, top_k=20, seed=0)[0]
+    assert max(unpadded) >= 50  # without the cut, this model does pick padding ids
