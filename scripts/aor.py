@@ -1,6 +1,6 @@
 """AoR against majority voting on the arithmetic task, with a minillm policy and several judges.
 
-    python scripts/aor.py                 # the default run (its measured time: README, "AoR")
+    python scripts/aor.py                 # the default run (its measured time: DESIGN.md, "Method: AoR")
     python scripts/aor.py --tiny          # a seconds-long smoke run (in out/aor-tiny)
 
 1. The policy: `minillm.methods.o1.train_policy` (a tiny GPT pretrained and fine-tuned on worked
