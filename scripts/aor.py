@@ -11,8 +11,8 @@
    at `--temperature`, once, cached in `--out-dir/samples.json`. Every method sees the same chains
    in the same order: voting and AoR without dynamic sampling read the first `--initial-samples`;
    dynamic sampling draws from the rest, `--extra-samples` at a time.
-3. Judges: the outcome reward model of `minillm.methods.o1`, trained on the policy's samples of training
-   problems of the same level (cached in `--out-dir`), at the paper's threshold and at each of
+3. Judges: the outcome reward model of `minillm.methods.o1`, trained on the policy's samples of
+   training problems of the same level (cached in `--out-dir`), at the paper's threshold and at each of
    `--orm-thresholds` (its probabilities x 10 seldom reach 6); the noisy oracle of each
    `--oracle-accuracy`; the constant judge (which must equal voting); with `--judge-url` and
    `--judge-model`, `LLMJudge` over any OpenAI-compatible server (e.g. scripts/serve.py).
