@@ -35,9 +35,11 @@ def test_script_runs_a_local_checkpoint_on_the_constructed_set_and_writes_result
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     scripted = results["strategies"]["scripted: always (a)"]
     assert scripted["Natural"]["accuracy"] == 0.5 and scripted["Natural"]["agreement"] == 0
-    assert results["strategies"]["scripted: the longer output"]["Adversarial/Constructed"][
-        "accuracy"] == 0
-    for name in ("vanilla", "swap"):
+    longer = results["strategies"]["scripted: the longer output"]
+    assert longer["Adversarial/Constructed"]["accuracy"] == 0
+    # outputs of equal length go to the one shown first: half right, never a tie
+    assert longer["Natural"]["ties"] == 0
+    for name in ("Vanilla", "Swap"):
         r = results["strategies"][name]["Natural"]
         assert r["n"] == 8 and 0 <= r["accuracy"] <= 1
         assert results["strategies"][name]["stats"]["scored"] > 0
@@ -52,6 +54,7 @@ def test_script_runs_a_local_checkpoint_on_the_constructed_set_and_writes_result
     (["--base-url", "http://127.0.0.1:9/v1"], "go together"),
     (["--strategy", "rulez"], "strategy 'rulez'"),
     (["--data", "no/such/folder"], "no such folder"),
+    (["--data", str(SCRIPT)], "not a folder"),
     (["--base-url", "http://x/v1", "--model", "m", "--verdict-by", "score"], "chat endpoint"),
 ])
 def test_script_mistakes_are_one_line(tmp_path, llmbar, capsys, args, message):
@@ -59,6 +62,7 @@ def test_script_mistakes_are_one_line(tmp_path, llmbar, capsys, args, message):
         run_main(llmbar.main, [*args, "--out-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing is made for a run that cannot start
 
 
 def test_script_judges_with_a_served_model(tmp_path, llmbar, capsys):
@@ -78,7 +82,7 @@ def test_script_judges_with_a_served_model(tmp_path, llmbar, capsys):
                      "vanilla", "--out-dir", str(tmp_path / "out")])
     finally:
         server.close()
-    results = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]["vanilla"]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]["Vanilla"]
     assert results["stats"]["generations"] == 32 and results["stats"]["unparsed"] == 1
     assert results["stats"]["completion_tokens"] == 32 * 5
     ties = results["Natural"]["ties"] + results["Adversarial/Constructed"]["ties"]
