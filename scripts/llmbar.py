@@ -32,7 +32,7 @@ from minillm.errors import UserError, run_main
 from minillm.fileio import write_json
 from minillm.generate import LocalLM
 from minillm.methods.llmbar import (LMEvaluator, Strategy, constructed_set, format_report,
-                                    load_folder, meta_evaluate, write_folder)
+                                    load_folder, meta_evaluate, recorded_evaluator, write_folder)
 from minillm.checkpoint import load_model, save_model
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer
@@ -66,6 +66,10 @@ class LLMBarConfig:
     limit: int | None = field(default=None, metadata={"help": "first N pairs of every subset"})
     per_family: int = field(default=6, metadata={
         "help": "constructed set: instances of each of its 8 instruction families"})
+    replay: list[str] = field(default_factory=list, metadata={
+        "help": "with --data: also score the verdicts an evaluator of the paper recorded in the "
+                "released folder (e.g. GPT-4/Vanilla ChatGPT/Swap_CoT); with no --checkpoint or "
+                "--base-url, only those and the scripted evaluators are scored"})
     save_constructed: str | None = field(default=None, metadata={
         "help": "also write the constructed set, in the released layout, to this folder"})
     out_dir: str = "out/llmbar"
@@ -84,6 +88,8 @@ def check(cfg: LLMBarConfig) -> list[Strategy]:
     if cfg.verdict_by == "score" and cfg.base_url and cfg.api == "chat":
         raise UserError("--verdict-by score needs log-probs of the prompt, which a chat endpoint "
                         "does not return: pass --api completions or --verdict-by text")
+    if cfg.replay and not cfg.data:
+        raise UserError("--replay reads the recorded verdicts of the released folder: give --data")
     if cfg.checkpoint and cfg.base_url:
         raise UserError("--checkpoint (a local model) and --base-url (a server): give one")
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
@@ -146,10 +152,13 @@ def main(argv=None):
     if cfg.limit:
         subsets = {name: pairs[:cfg.limit] for name, pairs in subsets.items()}
     print(f"data: {source}: " + ", ".join(f"{n} ({len(p)})" for n, p in subsets.items()))
+    recorded = {f"recorded: {name}": recorded_evaluator(cfg.data, name) for name in cfg.replay}
     out_dir = Path(cfg.out_dir)  # made only once the data is known to be good
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    if cfg.base_url:
+    if cfg.replay and not (cfg.checkpoint or cfg.base_url):
+        lm, evaluator_name, strategies = None, None, []
+    elif cfg.base_url:
         lm = OpenAIClient(cfg.base_url, cfg.model, api=cfg.api, api_key_env=cfg.api_key_env,
                           timeout=cfg.timeout, max_concurrency=cfg.max_concurrency)
         evaluator_name = f"{cfg.model} at {cfg.base_url} ({cfg.api})"
@@ -175,11 +184,12 @@ def main(argv=None):
         lm = LocalLM(model, tok, batch_size=8, truncate_left=True)
         verdict_by = "score" if cfg.verdict_by == "auto" else cfg.verdict_by
         max_new = cfg.max_new_tokens or (8 if cfg.tiny else 32)
-    print(f"evaluator: {evaluator_name}; verdicts by {verdict_by}")
+    if lm is not None:
+        print(f"evaluator: {evaluator_name}; verdicts by {verdict_by}")
 
     results = {"config": asdict(cfg), "evaluator": evaluator_name, "strategies": {}}
     for name, scripted in (("scripted: always (a)", always_a),
-                           ("scripted: the longer output", prefer_longer)):
+                           ("scripted: the longer output", prefer_longer), *recorded.items()):
         report = meta_evaluate(subsets, scripted)
         print(f"\n== {name}\n{format_report(report)}")
         results["strategies"][name] = report["subsets"]

@@ -5,7 +5,7 @@ import pytest
 from minillm.errors import UserError
 from minillm.methods.llmbar import (PAPER_STRATEGIES, PAPER_SUBSETS, LMEvaluator, Pair, Strategy,
                                     constructed_set, load_folder, load_subset, meta_evaluate,
-                                    parse_verdict, swap_labels, write_folder)
+                                    parse_verdict, recorded_evaluator, swap_labels, write_folder)
 
 SUBSETS = constructed_set(per_family=3, seed=0)
 GOOD = {(p.input, p.output_1 if p.label == 1 else p.output_2)
@@ -101,6 +101,33 @@ def test_subsets_load_in_the_papers_order_natural_first(tmp_path):
     names = [*reversed(PAPER_SUBSETS), "Adversarial/Extra"]  # written in another order
     write_folder(tmp_path, {name: pair for name in names})
     assert list(load_folder(tmp_path)) == [*PAPER_SUBSETS, "Adversarial/Extra"]
+
+
+def write_recorded(root, name, pairs, winners, subset="Natural"):
+    """A run recorded in the released layout: per pair, the winners (original numbers) when
+    output_1 and when output_2 was shown first."""
+    items = [{**p.to_json(), "results": [{"swap = False": {"winner": w1},
+                                          "swap = True": {"winner": w2}}]}
+             for p, (w1, w2) in zip(pairs, winners)]
+    path = root / subset / "evaluators" / name / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(items))
+
+
+def test_recorded_verdicts_replay_through_the_protocol(tmp_path):
+    pairs = [Pair("i1", "good", "bad", 1), Pair("i2", "good", "bad", 1), Pair("i3", "bad", "x", 2)]
+    write_folder(tmp_path, {"Natural": pairs})
+    # right twice; wrong then a tie; a tie twice (never right, but the two agree)
+    write_recorded(tmp_path, "M/Vanilla", pairs, [("1", "1"), ("2", None), (None, None)])
+    ev = recorded_evaluator(tmp_path, "M/Vanilla")
+    assert ev([("i1", "good", "bad"), ("i1", "bad", "good"), ("i2", "bad", "good")]) == \
+        ["a", "b", None]
+    r = meta_evaluate(load_folder(tmp_path), ev)["subsets"]["Natural"]
+    assert r == {"n": 3, "accuracy": 2 / 6, "agreement": 2 / 3, "ties": 3}
+    with pytest.raises(UserError, match="no evaluators/M/CoT/result.json"):
+        recorded_evaluator(tmp_path, "M/CoT")
+    with pytest.raises(UserError, match="no recorded verdict"):
+        ev([("other", "a", "b")])
 
 
 @pytest.mark.parametrize("text, verdict", [

@@ -9,6 +9,7 @@ import torch
 from minillm.errors import run_main
 from minillm.model import GPT, ModelConfig
 from minillm.checkpoint import save_model
+from minillm.methods.llmbar import load_folder
 from minillm.tokenizer import train_bpe
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "llmbar.py"
@@ -48,6 +49,19 @@ def test_script_runs_a_local_checkpoint_on_the_constructed_set_and_writes_result
     llmbar.main(["--checkpoint", str(tmp_path / "model.pt"), "--data", str(tmp_path / "set"),
                  "--strategy", "vanilla", "--limit", "2", "--out-dir", str(tmp_path / "out2")])
     assert "Adversarial/Constructed (2)" in capsys.readouterr().out
+    # --replay without a model scores the recorded (and scripted) evaluators only
+    from tests.test_llmbar import write_recorded
+    for subset, pairs in load_folder(tmp_path / "set").items():  # output_1 both ways
+        write_recorded(tmp_path / "set", "M/Vanilla", pairs, [("1", "1")] * len(pairs), subset)
+    pairs = load_folder(tmp_path / "set")["Natural"]
+    llmbar.main(["--data", str(tmp_path / "set"), "--replay", "M/Vanilla", "--out-dir",
+                 str(tmp_path / "out3")])
+    results = json.loads((tmp_path / "out3" / "results.json").read_text())["strategies"]
+    assert set(results) == {"scripted: always (a)", "scripted: the longer output",
+                            "recorded: M/Vanilla"}
+    assert results["recorded: M/Vanilla"]["Natural"]["accuracy"] == sum(
+        p.label == 1 for p in pairs) / len(pairs)
+    assert results["recorded: M/Vanilla"]["Natural"]["agreement"] == 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -55,6 +69,7 @@ def test_script_runs_a_local_checkpoint_on_the_constructed_set_and_writes_result
     (["--strategy", "rulez"], "strategy 'rulez'"),
     (["--data", "no/such/folder"], "no such folder"),
     (["--data", str(SCRIPT)], "not a folder"),
+    (["--replay", "GPT-4/Vanilla"], "give --data"),
     (["--base-url", "http://x/v1", "--model", "m", "--verdict-by", "score"], "chat endpoint"),
 ])
 def test_script_mistakes_are_one_line(tmp_path, llmbar, capsys, args, message):

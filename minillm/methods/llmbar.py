@@ -9,13 +9,14 @@ other does not (and may look better: longer, more engaging), and names the bette
   `Adversarial/{Neighbor,GPTInst,GPTOut,Manual}/dataset.json` of the paper's repository
   (`Dataset/LLMBar/`). `load_folder` reads every `dataset.json` below a folder; a malformed file
   is a `UserError` naming the file, the item and the field. `constructed_set()` builds a small
-  offline set in the same format (see its docstring).
+  offline set in the same format (see its docstring). `recorded_evaluator` replays the verdicts
+  the paper's evaluators recorded in the same repository.
 - Protocol (`meta_evaluate`), as the authors' `evaluate.py` computes it: every pair is judged in
   both orders. Accuracy = correct verdicts / (2 N); positional agreement = share of pairs whose
   two verdicts pick the same output. A tie (an unparseable answer, or equal scores) is never
   correct, and two ties agree with each other, as in the authors' code; ties are counted and
-  reported. Each subset is reported, in the paper's order, and the Adversarial subsets are averaged without
-  weights, as the paper's tables do ("Adversarial (mean)").
+  reported. Each subset is reported, in the paper's order, and the Adversarial subsets are
+  averaged without weights, as the paper's tables do ("Adversarial (mean)").
 - Strategies (`Strategy`), named and composed as in the paper, with prompts of our own. Vanilla
   asks which output is better; "*" adds the Rules (carry out the instruction precisely, no more
   and no less than it asks, and let neither order nor length sway the choice), so the authors'
@@ -339,11 +340,9 @@ def load_subset(path: str | Path) -> list[Pair]:
     return pairs
 
 
-def load_folder(folder: str | Path) -> dict[str, list[Pair]]:
-    """Subsets named by their folder relative to `folder` ("Natural", "Adversarial/GPTInst"), from
-    every `dataset.json` below it, in the paper's order (Natural, then Neighbor, GPTInst, GPTOut,
-    Manual; any other subset after them, by name). The repository root or its `Dataset/` folder
-    also works: the `LLMBar` folder inside is used."""
+def dataset_root(folder: str | Path) -> Path:
+    """The folder that holds the subsets: `folder` itself, or the `LLMBar` folder inside the
+    repository root or its `Dataset/` folder."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--data {folder}: not a folder (give the folder that holds the subsets)")
@@ -351,8 +350,15 @@ def load_folder(folder: str | Path) -> dict[str, list[Pair]]:
         raise UserError(f"--data {folder}: no such folder")
     for inner in (folder / "Dataset" / "LLMBar", folder / "LLMBar"):
         if inner.is_dir():
-            folder = inner
-            break
+            return inner
+    return folder
+
+
+def load_folder(folder: str | Path) -> dict[str, list[Pair]]:
+    """Subsets named by their folder relative to the dataset root (`dataset_root`: "Natural",
+    "Adversarial/GPTInst"), from every `dataset.json` below it, in the paper's order (Natural,
+    then Neighbor, GPTInst, GPTOut, Manual; any other subset after them, by name)."""
+    folder = dataset_root(folder)
     files = sorted(p for p in folder.rglob("dataset.json") if "evaluators" not in p.parts)
     if not files:
         raise UserError(f"--data {folder}: no dataset.json below it (expected the released "
@@ -362,6 +368,39 @@ def load_folder(folder: str | Path) -> dict[str, list[Pair]]:
     def paper_order(name: str) -> tuple[int, str]:
         return (PAPER_SUBSETS.index(name) if name in PAPER_SUBSETS else len(PAPER_SUBSETS), name)
     return {name: load_subset(subsets[name]) for name in sorted(subsets, key=paper_order)}
+
+
+def recorded_evaluator(folder: str | Path, name: str) -> Evaluator:
+    """The verdicts an evaluator of the paper recorded, replayed: `name` is one of the released
+    runs ("GPT-4/Vanilla", "ChatGPT/Swap_CoT"), read from `<subset>/evaluators/<name>/result.json`
+    of every subset. Each recorded item's last result holds the winner ("1", "2" or null) when
+    output_1 was shown first ("swap = False") and when output_2 was ("swap = True"), both naming
+    the outputs by their original number. `meta_evaluate` on them recomputes the paper's figures,
+    a check of the protocol."""
+    root = dataset_root(folder)
+    files = sorted(root.glob(f"**/evaluators/{name}/result.json"))
+    if not files:
+        raise UserError(f"--replay {name}: no evaluators/{name}/result.json below {root}")
+    verdicts: dict[Triple, str | None] = {}
+    for path in files:
+        try:
+            for item in json.loads(path.read_text(encoding="utf-8")):
+                last = item["results"][-1]
+                first, second = last["swap = False"]["winner"], last["swap = True"]["winner"]
+                verdicts[(item["input"], item["output_1"], item["output_2"])] = \
+                    {"1": "a", "2": "b"}.get(first)
+                verdicts[(item["input"], item["output_2"], item["output_1"])] = \
+                    {"1": "b", "2": "a"}.get(second)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise UserError(f"{path}: not a recorded LLMBar result ({e!r})") from None
+
+    def replay(triples: list[Triple]) -> list[str | None]:
+        missing = [t for t in triples if t not in verdicts]
+        if missing:
+            raise UserError(f"--replay {name}: no recorded verdict for the pair of instruction "
+                            f"{missing[0][0][:60]!r}")
+        return [verdicts[t] for t in triples]
+    return replay
 
 
 def write_folder(folder: str | Path, subsets: dict[str, list[Pair]]) -> None:
@@ -466,5 +505,5 @@ def constructed_set(per_family: int = 6, seed: int = 0) -> dict[str, list[Pair]]
 
 
 __all__ = ["PAPER_STRATEGIES", "PAPER_SUBSETS", "Evaluator", "LMEvaluator", "Pair", "Strategy",
-           "constructed_set", "format_report", "load_folder", "load_subset", "meta_evaluate",
-           "parse_verdict", "swap_labels", "write_folder"]
+           "constructed_set", "dataset_root", "format_report", "load_folder", "load_subset",
+           "meta_evaluate", "parse_verdict", "recorded_evaluator", "swap_labels", "write_folder"]
