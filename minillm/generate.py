@@ -163,7 +163,8 @@ class Completion(str):
     stop string), so code that wants only text uses it as one; budgets read the fields:
 
     prompt_tokens, completion_tokens: token counts as the backend reports them (None if it does
-        not); completion_tokens counts every generated token, a cut stop string's included.
+        not); completion_tokens counts every generated token, a cut stop string's and the
+        end-of-text token's included (so it can exceed len(token_ids) by one).
     token_logprobs: log-probability of each generated token under the model (None where the
         backend offers none); token_ids: the generated ids (local models only).
     finish_reason: "stop" (end of text or a stop string) or "length" (max_new_tokens reached).
@@ -246,8 +247,11 @@ class LocalLM:
                 text = self.tokenizer.decode(new_ids)
                 cut = min((text.find(s) for s in stop if s in text), default=len(text))
                 ended = cut < len(text) or len(new_ids) < max_new_tokens
-                results.append(Completion(text[:cut], len(prompt_ids), len(new_ids), logps,
-                                          new_ids, "stop" if ended else "length"))
+                # a row that stopped short of max_new_tokens without a stop string sampled the
+                # end-of-text token: not kept, but generated, so it is counted (a budget pays it)
+                at_eot = len(new_ids) < max_new_tokens and not (stop and should_stop(0, new_ids))
+                results.append(Completion(text[:cut], len(prompt_ids), len(new_ids) + at_eot,
+                                          logps, new_ids, "stop" if ended else "length"))
         return results
 
     def score(self, contexts, continuations):

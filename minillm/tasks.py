@@ -29,6 +29,9 @@ model can learn it, a step can be checked on its own, and a chain's answer is ex
   `check(problem, text)` (exact: the extracted answer equals the true integer),
   `correct_prefix(problem, text)` (how many leading steps equal the reference: an oracle process
   reward).
+- Chains as search and reward models see them: `chain_text(steps)` (one step a line),
+  `canonical(text)` (a generated solution cut after its answer line), `is_final(step)` (an answer
+  line), and `majority_vote(chains)` (self-consistency: the answer most chains reach).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 ANSWER_RE = re.compile(r"^A: (-?\d+)\s*$", re.MULTILINE)
@@ -81,6 +86,29 @@ def extract_answer(text: str) -> str | None:
 def check(problem: Problem, text: str) -> bool:
     """Exact outcome check: the answer extracted from `text` is the problem's answer."""
     return extract_answer(text) == problem.answer
+
+
+def chain_text(steps: Sequence[str]) -> str:
+    """The canonical text of a chain or of a prefix of one: each step on its own line."""
+    return "".join(s + "\n" for s in steps)
+
+
+def canonical(text: str) -> str:
+    """A generated solution in canonical form: its steps up to the answer line (`split_steps`)."""
+    return chain_text(split_steps(text))
+
+
+def is_final(step: str) -> bool:
+    """Whether a step is an answer line (the chain ends there)."""
+    return ANSWER_RE.match(step) is not None
+
+
+def majority_vote(chains: Sequence[str]) -> str | None:
+    """The answer most chains reach (self-consistency, Wang et al. 2023); a tie goes to the answer
+    reached first; None when no chain has an answer."""
+    counts = Counter(a for a in map(extract_answer, chains) if a is not None)
+    # a Counter keeps first-appearance order, and max keeps the first of equal counts
+    return max(counts, key=counts.__getitem__, default=None)
 
 
 def correct_prefix(problem: Problem, text: str) -> int:
@@ -167,5 +195,6 @@ class Arithmetic:
         return out
 
 
-__all__ = ["Arithmetic", "Problem", "check", "correct_prefix", "extract_answer", "make_problem",
-           "prompt", "solve", "split_steps"]
+__all__ = ["Arithmetic", "Problem", "canonical", "chain_text", "check", "correct_prefix",
+           "extract_answer", "is_final", "majority_vote", "make_problem", "prompt", "solve",
+           "split_steps"]

@@ -11,11 +11,12 @@
    at `--temperature`, once, cached in `--out-dir/samples.json`. Every method sees the same chains
    in the same order: voting and AoR without dynamic sampling read the first `--initial-samples`;
    dynamic sampling draws from the rest, `--extra-samples` at a time.
-3. Judges: the outcome reward model of `minillm.methods.o1`, trained on the policy's samples of
-   training problems of the same level (cached in `--out-dir`), at the paper's threshold and at each of
-   `--orm-thresholds` (its probabilities x 10 seldom reach 6); the noisy oracle of each
-   `--oracle-accuracy`; the constant judge (which must equal voting); with `--judge-url` and
-   `--judge-model`, `LLMJudge` over any OpenAI-compatible server (e.g. scripts/serve.py).
+3. Judges: the outcome reward model of `minillm.methods.o1_reward`, trained on the policy's
+   samples of training problems of the same level (cached in `--out-dir`), at the paper's
+   threshold and at each of `--orm-thresholds` (its probabilities x 10 seldom reach 6); the noisy
+   oracle of each `--oracle-accuracy`; the constant judge (which must equal voting); with
+   `--judge-url` and `--judge-model`, `LLMJudge` over any OpenAI-compatible server (e.g.
+   scripts/serve.py).
 4. Prints how well the ORM ranks the chains (AUC), then accuracy overall, on "minority" questions
    (the right answer is among the first `--initial-samples` chains but on fewer than half of them)
    and on "outvoted" questions (it is among them but some wrong answer has at least as many), for
@@ -38,8 +39,8 @@ from minillm.errors import UserError, run_main
 from minillm.fileio import write_json
 from minillm.methods.aor import (AoRConfig, ConstantJudge, LLMJudge, NoisyOracleJudge, ORMJudge,
                                  aggregate, bucket_by_answer, majority_vote, pool_sampler)
-from minillm.methods.o1 import (OutcomeRewardModel, Policy, PolicyConfig, outcome_examples,
-                                sample, train_policy, train_reward_model)
+from minillm.methods.o1 import Policy, PolicyConfig, sample, train_policy
+from minillm.methods.o1_reward import OutcomeRewardModel, outcome_examples, train_reward_model
 from minillm.tasks import (Arithmetic, Problem, check, extract_answer, prompt,
                            split_steps)
 
@@ -272,7 +273,7 @@ def load_orm(cfg: AoRScriptConfig, policy, ops: str, key: dict, out_dir: Path
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:
         try:
             return OutcomeRewardModel.load(path)
-        except (UserError, RuntimeError) as e:  # written by another version of minillm.methods.o1
+        except (UserError, RuntimeError) as e:  # written by another version of o1_reward
             print(f"retraining the ORM: {path} does not load ({str(e).splitlines()[0]})")
     start = time.time()
     problems = Arithmetic(ops=ops).problems(cfg.level, cfg.orm_questions, "train", cfg.seed + 1)

@@ -1,9 +1,9 @@
 """LLMBar: how well does a model judge which of two outputs follows an instruction?
 
-    python scripts/llmbar.py                       # offline: a tiny local model on the constructed set
-    python scripts/llmbar.py --checkpoint out/quickstart/model.pt --strategy vanilla rules+swap
+    python scripts/llmbar.py                  # offline: a tiny local model on the constructed set
+    python scripts/llmbar.py --checkpoint out/quickstart/model.pt --strategy Vanilla "Swap*"
     python scripts/llmbar.py --base-url http://127.0.0.1:8000/v1 --model NAME \\
-        --data path/to/LLMBar --strategy vanilla rules+metrics+reference swap+cot
+        --data path/to/LLMBar --strategy Vanilla "Vanilla*" "Metrics+Reference*" "Swap+CoT*"
 
 Without `--base-url` the evaluator is a local minillm model (`--checkpoint`, or, by default, a tiny
 GPT trained here for `--train-steps` on the standard library's docstrings) whose verdict compares
@@ -11,11 +11,12 @@ the log-likelihoods of " Output (a)" and " Output (b)". With `--base-url` and `-
 OpenAI-compatible server (vLLM, llama.cpp's server, a hosted API; key from `--api-key-env`), whose
 verdict is parsed from its generated answer. `--data` is the released LLMBar folder (the paper's
 repository, `Dataset/LLMBar`); without it, the constructed offline set of `minillm.methods.llmbar`.
-Prints accuracy and positional agreement per subset and strategy, beside two scripted evaluators
-(always "(a)", and "the longer output"), and writes `results.json` to `--out-dir`.
+Strategies are named as in the paper ("*": with the Rules; `minillm.methods.llmbar.Strategy`).
+Prints accuracy and positional agreement per subset (in the paper's order) and strategy, beside
+two scripted evaluators (always "(a)", and "the longer output", whose ties go to the output shown
+first, as a judge that must name one does), and writes `results.json` to `--out-dir`.
 """
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,9 +29,10 @@ from minillm.cli import parse_config
 from minillm.corpus import stdlib_docstrings
 from minillm.data import prepare
 from minillm.errors import UserError, run_main
+from minillm.fileio import write_json
 from minillm.generate import LocalLM
 from minillm.methods.llmbar import (LMEvaluator, Strategy, constructed_set, format_report,
-                                    load_folder, meta_evaluate, write_folder)
+                                    load_folder, meta_evaluate, recorded_evaluator, write_folder)
 from minillm.checkpoint import load_model, save_model
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer
@@ -40,8 +42,10 @@ from minillm.train import TrainConfig, Trainer
 class LLMBarConfig:
     data: str | None = field(default=None, metadata={
         "help": "the released LLMBar folder; default: the constructed offline set"})
-    strategy: list[str] = field(default_factory=lambda: ["vanilla", "rules+swap"], metadata={
-        "help": "vanilla, or parts joined by '+': rules, cot, metrics, reference, swap"})
+    strategy: list[str] = field(default_factory=lambda: ["Vanilla", "Vanilla*", "Swap*"], metadata={
+        "help": "the paper's names (Vanilla, Vanilla*, CoT*, Swap*, Swap+CoT*, Metrics*, "
+                "Reference*, Metrics+Reference*; '*': with the Rules), or parts joined by '+': "
+                "rules, cot, metrics, reference, swap"})
     base_url: str | None = field(default=None, metadata={
         "help": "an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"})
     model: str | None = field(default=None, metadata={"help": "the served model's name"})
@@ -62,6 +66,10 @@ class LLMBarConfig:
     limit: int | None = field(default=None, metadata={"help": "first N pairs of every subset"})
     per_family: int = field(default=6, metadata={
         "help": "constructed set: instances of each of its 8 instruction families"})
+    replay: list[str] = field(default_factory=list, metadata={
+        "help": "with --data: also score the verdicts an evaluator of the paper recorded in the "
+                "released folder (e.g. GPT-4/Vanilla ChatGPT/Swap_CoT); with no --checkpoint or "
+                "--base-url, only those and the scripted evaluators are scored"})
     save_constructed: str | None = field(default=None, metadata={
         "help": "also write the constructed set, in the released layout, to this folder"})
     out_dir: str = "out/llmbar"
@@ -80,12 +88,15 @@ def check(cfg: LLMBarConfig) -> list[Strategy]:
     if cfg.verdict_by == "score" and cfg.base_url and cfg.api == "chat":
         raise UserError("--verdict-by score needs log-probs of the prompt, which a chat endpoint "
                         "does not return: pass --api completions or --verdict-by text")
+    if cfg.replay and not cfg.data:
+        raise UserError("--replay reads the recorded verdicts of the released folder: give --data")
     if cfg.checkpoint and cfg.base_url:
         raise UserError("--checkpoint (a local model) and --base-url (a server): give one")
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise UserError(f"--checkpoint {cfg.checkpoint}: no such file")
     for name, value in (("--limit", cfg.limit), ("--per-family", cfg.per_family),
-                        ("--train-steps", cfg.train_steps), ("--max-new-tokens", cfg.max_new_tokens),
+                        ("--train-steps", cfg.train_steps),
+                        ("--max-new-tokens", cfg.max_new_tokens),
                         ("--max-concurrency", cfg.max_concurrency)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
@@ -121,14 +132,13 @@ def always_a(triples):
 
 
 def prefer_longer(triples):
-    return ["a" if len(a) > len(b) else "b" if len(b) > len(a) else None for _, a, b in triples]
+    """The longer output; equal lengths go to the one shown first (a judge names one)."""
+    return ["a" if len(a) >= len(b) else "b" for _, a, b in triples]
 
 
 def main(argv=None):
     cfg = parse_config(LLMBarConfig, argv, description=__doc__)
     strategies = check(cfg)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
     if cfg.data:
@@ -142,8 +152,13 @@ def main(argv=None):
     if cfg.limit:
         subsets = {name: pairs[:cfg.limit] for name, pairs in subsets.items()}
     print(f"data: {source}: " + ", ".join(f"{n} ({len(p)})" for n, p in subsets.items()))
+    recorded = {f"recorded: {name}": recorded_evaluator(cfg.data, name) for name in cfg.replay}
+    out_dir = Path(cfg.out_dir)  # made only once the data is known to be good
+    out_dir.mkdir(parents=True, exist_ok=True)
 
-    if cfg.base_url:
+    if cfg.replay and not (cfg.checkpoint or cfg.base_url):
+        lm, evaluator_name, strategies = None, None, []
+    elif cfg.base_url:
         lm = OpenAIClient(cfg.base_url, cfg.model, api=cfg.api, api_key_env=cfg.api_key_env,
                           timeout=cfg.timeout, max_concurrency=cfg.max_concurrency)
         evaluator_name = f"{cfg.model} at {cfg.base_url} ({cfg.api})"
@@ -163,16 +178,18 @@ def main(argv=None):
         else:
             start = time.time()
             model, tok = train_tiny_model(cfg, out_dir, device)
-            evaluator_name = (f"a tiny GPT ({model.num_params() / 1e6:.2f}M parameters) trained here "
-                              f"in {time.time() - start:.0f} s, saved to {out_dir / 'model.pt'}")
+            evaluator_name = (f"a tiny GPT ({model.num_params() / 1e6:.2f}M parameters) trained "
+                              f"here in {time.time() - start:.0f} s, saved to "
+                              f"{out_dir / 'model.pt'}")
         lm = LocalLM(model, tok, batch_size=8, truncate_left=True)
         verdict_by = "score" if cfg.verdict_by == "auto" else cfg.verdict_by
         max_new = cfg.max_new_tokens or (8 if cfg.tiny else 32)
-    print(f"evaluator: {evaluator_name}; verdicts by {verdict_by}")
+    if lm is not None:
+        print(f"evaluator: {evaluator_name}; verdicts by {verdict_by}")
 
     results = {"config": asdict(cfg), "evaluator": evaluator_name, "strategies": {}}
     for name, scripted in (("scripted: always (a)", always_a),
-                           ("scripted: the longer output", prefer_longer)):
+                           ("scripted: the longer output", prefer_longer), *recorded.items()):
         report = meta_evaluate(subsets, scripted)
         print(f"\n== {name}\n{format_report(report)}")
         results["strategies"][name] = report["subsets"]
@@ -185,13 +202,15 @@ def main(argv=None):
                  f"{evaluator.stats['scored']} scored verdicts"]
         if verdict_by == "text":
             notes.append(f"{evaluator.stats['unparsed']} unparseable answers (counted as ties)")
+        if strategy.swap:
+            notes.append(f"{evaluator.stats['swap_decisions']} disagreements decided again")
         if isinstance(lm, LocalLM) and lm.truncated:
             notes.append(f"{lm.truncated} prompts cut from the left to fit the model")
             lm.truncated = 0
         print(f"\n== {strategy.name} ({'; '.join(notes)})\n{format_report(report)}")
         results["strategies"][strategy.name] = {**report["subsets"], "stats": evaluator.stats,
                                                 "seconds": seconds}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_json(out_dir / "results.json", results, indent=1)
     print(f"\nwrote {out_dir / 'results.json'}")
 
 

@@ -4,15 +4,16 @@
     python scripts/o1.py --tiny true          # a seconds-long smoke run
     python scripts/o1.py --budgets 1 2 4 8 16 --eval-problems 200
 
-Trains (or reuses, from `--out-dir`) a tiny GPT policy on worked column additions (`minillm.methods.o1`:
-pretraining, then SFT), samples chains on train problems of `--eval-level`, labels them with the
-checker to train an outcome reward model (ORM) and with Monte-Carlo rollouts to train a process
-reward model (PRM). Then, on held-out problems of `--eval-level`, every method answers each question
-within a budget of N x `cap` generated tokens (`cap`: the longest reference solution of the level
-plus a margin, so greedy fits in N = 1): greedy, majority@N, ORM best-of-N, PRM step-level beam
-search, MCTS with PRM evaluation; pass@N (some chain sampled for best-of-N is right) is the ceiling.
-The checker grades answers; no search reads it. Prints the accuracy table and the tokens spent, and
-writes `results.json` to `--out-dir`.
+Trains (or reuses, from `--out-dir`) a tiny GPT policy on worked column additions
+(`minillm.methods.o1`: pretraining, then SFT), samples chains on train problems of `--eval-level`,
+labels them with the checker to train an outcome reward model (ORM) and with Monte-Carlo rollouts
+to train a process reward model (PRM) (`minillm.methods.o1_reward`). Reports how well each ranks
+right above wrong held-out chains (AUC, pooled and within a question). Then, on held-out problems
+of `--eval-level`, every method answers each question within a budget of N x `cap` generated
+tokens (`cap`: the longest reference solution of the level plus a margin, so greedy fits in N = 1):
+greedy, majority@N, ORM best-of-N, PRM step-level beam search, MCTS with PRM evaluation; pass@N
+(some chain sampled for best-of-N is right) is the ceiling. The checker grades answers; no search
+reads it. Prints the accuracy table and the tokens spent, and writes `results.json` to `--out-dir`.
 """
 
 import json
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from minillm.methods import o1
 from minillm.cli import parse_config
 from minillm.errors import UserError, run_main
+from minillm.fileio import write_json
+from minillm.methods import o1, o1_reward
 from minillm.tasks import Arithmetic, check
 
 
@@ -46,6 +48,7 @@ class O1Config:
     rm_samples: int = field(default=4, metadata={"help": "chains sampled per such question"})
     rollouts: int = field(default=4, metadata={"help": "Monte-Carlo rollouts per step (PRM data)"})
     rm_steps: int = field(default=300, metadata={"help": "training steps of each reward model"})
+    rm_lr: float = field(default=1e-3, metadata={"help": "learning rate of the reward models"})
     beam_expand: int = field(default=4, metadata={
         "help": "beam search: next steps sampled per beam (width = N / expand)"})
     mcts_children: int = field(default=4, metadata={
@@ -71,7 +74,10 @@ def check_config(cfg: O1Config) -> None:
                         f"{cfg.levels}")
     if cfg.temperature <= 0:
         raise UserError(f"--temperature {cfg.temperature}: search samples, give a value above 0")
-    for name in ("threads", "pretrain_steps", "c_uct"):  # 0 allowed: torch's default / no pretraining
+    if not cfg.rm_lr > 0:
+        raise UserError(f"--rm-lr {cfg.rm_lr}: give a learning rate above 0")
+    # 0 allowed: torch's default threads, no pretraining, no exploration
+    for name in ("threads", "pretrain_steps", "c_uct"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be 0 or more")
 
@@ -85,12 +91,17 @@ def shrink(cfg: O1Config) -> O1Config:
 
 
 def reward_models(cfg: O1Config, policy: o1.Policy, cap: int, out_dir: Path, log):
-    """The ORM and PRM, trained on chains sampled on train questions of the eval level (reused from
-    `out_dir` when there)."""
+    """The ORM and PRM, trained on chains sampled on train questions of the eval level; reused from
+    `out_dir` when they were trained with the same settings (`reward_models.json`)."""
     paths = out_dir / "orm.pt", out_dir / "prm.pt"
-    if all(p.is_file() for p in paths):
+    stamp = out_dir / "reward_models.json"
+    key = {name: getattr(cfg, name) for name in (
+        "levels", "eval_level", "pretrain_steps", "sft_steps", "n_layer", "n_embd", "rm_problems",
+        "rm_samples", "rollouts", "rm_steps", "rm_lr", "temperature", "seed", "tiny")}
+    if all(p.is_file() for p in paths) and stamp.is_file() and json.loads(stamp.read_text()) == key:
         log(f"reusing {paths[0]} and {paths[1]}")
-        return o1.OutcomeRewardModel.load(paths[0]), o1.ProcessRewardModel.load(paths[1]), {}
+        return (o1_reward.OutcomeRewardModel.load(paths[0]),
+                o1_reward.ProcessRewardModel.load(paths[1]), {})
     lm = policy.lm()
     problems = o1.task_problems(Arithmetic(), cfg.eval_level, cfg.rm_problems, "train",
                                 seed=cfg.seed + 2)
@@ -102,28 +113,37 @@ def reward_models(cfg: O1Config, policy: o1.Policy, cap: int, out_dir: Path, log
     log(f"reward data: {total} chains on {len(problems)} train questions, {right} right "
         f"({time.time() - start:.0f} s)")
     start = time.time()
-    prm_examples, rollout_tokens = o1.process_examples(lm, problems, chains, cfg.rollouts, cap,
-                                                       cfg.temperature, seed=cfg.seed + 1)
+    prm_examples, rollout_tokens = o1_reward.process_examples(
+        lm, problems, chains, cfg.rollouts, cap, cfg.temperature, seed=cfg.seed + 1)
     log(f"Monte-Carlo step values: {cfg.rollouts} rollouts per step, {rollout_tokens:,} tokens "
         f"({time.time() - start:.0f} s)")
-    kwargs = dict(steps=cfg.rm_steps, batch_size=32, lr=1e-3, seed=cfg.seed, log=log)
+    kwargs = dict(steps=cfg.rm_steps, batch_size=32, lr=cfg.rm_lr, seed=cfg.seed, log=log)
     start = time.time()
-    orm = o1.train_orm(policy.model, policy.tokenizer, problems, chains, **kwargs)
-    prm = o1.train_prm(policy.model, policy.tokenizer, prm_examples, **kwargs)
-    log(f"trained the ORM and the PRM ({time.time() - start:.0f} s)")
+    orm = o1_reward.train_orm(policy.model, policy.tokenizer, problems, chains, **kwargs)
+    prm = o1_reward.train_prm(policy.model, policy.tokenizer, prm_examples, **kwargs)
+    log(f"trained the ORM and the PRM at learning rate {cfg.rm_lr:g} "
+        f"({time.time() - start:.0f} s)")
     orm.save(paths[0])
     prm.save(paths[1])
+    write_json(stamp, key)
     return orm, prm, {"chains": total, "right": right, "rollout_tokens": rollout_tokens}
 
 
-def auc(scores: list[float], labels: list[bool]) -> float | None:
-    """Probability that a random right chain outscores a random wrong one (ties count half)."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+def auc(scores: list[float], labels: list[bool], groups: list | None = None) -> float | None:
+    """Probability that a right chain outscores a wrong one (ties count half), over all (right,
+    wrong) pairs, or with `groups` over the pairs of the same group only (None: no such pair).
+    Within a question is what best-of-N needs; pooled pairs mostly tell easy questions from hard
+    ones."""
+    groups = groups if groups is not None else [0] * len(scores)
+    wins = pairs = 0
+    for s, y, g in zip(scores, labels, groups):
+        if not y:
+            continue
+        for t, z, h in zip(scores, labels, groups):
+            if not z and g == h:
+                wins += (s > t) + 0.5 * (s == t)
+                pairs += 1
+    return wins / pairs if pairs else None
 
 
 def main(argv=None):
@@ -160,12 +180,25 @@ def main(argv=None):
 
     # How well do the reward models separate right from wrong held-out chains?
     held = o1.sample(lm, questions, 4, cfg.temperature, cap, seed=cfg.seed + 7)
-    flat = [(q, str(c)) for q, cs in zip(questions, held) for c in cs]
-    labels = [check(q, c) for q, c in flat]
-    rm_quality = {name: auc(rm.score([q for q, _ in flat], [c for _, c in flat]), labels)
-                  for name, rm in (("orm", orm), ("prm", prm))}
-    log(f"held-out chains: {sum(labels)}/{len(labels)} right; AUC right vs wrong: ORM "
-        f"{rm_quality['orm']}, PRM {rm_quality['prm']}")
+    flat = [(i, q, str(c)) for i, (q, cs) in enumerate(zip(questions, held)) for c in cs]
+    labels = [check(q, c) for _, q, c in flat]
+    outcomes: dict[int, set[bool]] = {}
+    for (i, _, _), right in zip(flat, labels):
+        outcomes.setdefault(i, set()).add(right)
+    mixed = sum(len(seen) == 2 for seen in outcomes.values())  # questions with right and wrong
+    rm_quality = {}
+    for name, rm in (("orm", orm), ("prm", prm)):
+        scores = rm.score([q for _, q, _ in flat], [c for _, _, c in flat])
+        rm_quality[name] = {"pooled": auc(scores, labels),
+                            "within_question": auc(scores, labels, [i for i, _, _ in flat])}
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+    log(f"held-out chains: {sum(labels)}/{len(labels)} right, {mixed} of {len(questions)} "
+        f"questions with both right and wrong chains; AUC right vs wrong, pooled / within a "
+        f"question: ORM {fmt(rm_quality['orm']['pooled'])} / "
+        f"{fmt(rm_quality['orm']['within_question'])}, PRM {fmt(rm_quality['prm']['pooled'])} / "
+        f"{fmt(rm_quality['prm']['within_question'])}")
 
     methods = ["greedy", "majority", "orm-best-of-n", "prm-beam", "mcts-prm", "pass@n"]
     correct = {m: {n: 0 for n in cfg.budgets} for m in methods}
@@ -180,7 +213,7 @@ def main(argv=None):
             budget = o1.TokenBudget(lm, limit)
             chains = o1.sample_chains(budget, q, cap, cfg.temperature, seed)
             seconds["majority"] += time.time() - start
-            for name, text in (("majority", o1.majority_vote(chains)),
+            for name, text in (("majority", o1.voted_chain(chains)),
                                ("orm-best-of-n", o1.best_of_n(chains, q, orm))):
                 results[name] = o1.SearchResult.of(text or "", budget, chains)
             results["pass@n"] = o1.SearchResult.of(
@@ -224,9 +257,7 @@ def main(argv=None):
                "questions": len(questions), "accuracy": accuracy, "tokens": mean_tokens,
                "reward_model_auc": rm_quality, "reward_data": rm_stats, "search_seconds": seconds,
                "seconds": time.time() - t0}
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(out_dir / "results.json")
+    write_json(out_dir / "results.json", results, indent=1)
     log(f"wrote {out_dir / 'results.json'}")
     return results
 

@@ -38,11 +38,11 @@ import torch
 from minillm.cli import parse_config
 from minillm.fileio import write_json
 from minillm.errors import UserError, run_main
-from minillm.methods.o1 import (OutcomeRewardModel, PolicyConfig, ProcessRewardModel, canonical,
-                                policy_problems, process_examples, task_problems, train_orm, train_policy,
-                                train_prm)
+from minillm.methods.o1 import PolicyConfig, policy_problems, task_problems, train_policy
 from minillm.methods.o1_learning import METHODS, LearnConfig, run_rounds, sample_rollouts
-from minillm.tasks import Arithmetic
+from minillm.methods.o1_reward import (OutcomeRewardModel, ProcessRewardModel, process_examples,
+                                       train_orm, train_prm)
+from minillm.tasks import Arithmetic, canonical
 
 
 @dataclass

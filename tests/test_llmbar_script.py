@@ -9,6 +9,7 @@ import torch
 from minillm.errors import run_main
 from minillm.model import GPT, ModelConfig
 from minillm.checkpoint import save_model
+from minillm.methods.llmbar import load_folder
 from minillm.tokenizer import train_bpe
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "llmbar.py"
@@ -35,9 +36,11 @@ def test_script_runs_a_local_checkpoint_on_the_constructed_set_and_writes_result
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     scripted = results["strategies"]["scripted: always (a)"]
     assert scripted["Natural"]["accuracy"] == 0.5 and scripted["Natural"]["agreement"] == 0
-    assert results["strategies"]["scripted: the longer output"]["Adversarial/Constructed"][
-        "accuracy"] == 0
-    for name in ("vanilla", "swap"):
+    longer = results["strategies"]["scripted: the longer output"]
+    assert longer["Adversarial/Constructed"]["accuracy"] == 0
+    # outputs of equal length go to the one shown first: half right, never a tie
+    assert longer["Natural"]["ties"] == 0
+    for name in ("Vanilla", "Swap"):
         r = results["strategies"][name]["Natural"]
         assert r["n"] == 8 and 0 <= r["accuracy"] <= 1
         assert results["strategies"][name]["stats"]["scored"] > 0
@@ -46,12 +49,27 @@ def test_script_runs_a_local_checkpoint_on_the_constructed_set_and_writes_result
     llmbar.main(["--checkpoint", str(tmp_path / "model.pt"), "--data", str(tmp_path / "set"),
                  "--strategy", "vanilla", "--limit", "2", "--out-dir", str(tmp_path / "out2")])
     assert "Adversarial/Constructed (2)" in capsys.readouterr().out
+    # --replay without a model scores the recorded (and scripted) evaluators only
+    from tests.test_llmbar import write_recorded
+    for subset, pairs in load_folder(tmp_path / "set").items():  # output_1 both ways
+        write_recorded(tmp_path / "set", "M/Vanilla", pairs, [("1", "1")] * len(pairs), subset)
+    pairs = load_folder(tmp_path / "set")["Natural"]
+    llmbar.main(["--data", str(tmp_path / "set"), "--replay", "M/Vanilla", "--out-dir",
+                 str(tmp_path / "out3")])
+    results = json.loads((tmp_path / "out3" / "results.json").read_text())["strategies"]
+    assert set(results) == {"scripted: always (a)", "scripted: the longer output",
+                            "recorded: M/Vanilla"}
+    assert results["recorded: M/Vanilla"]["Natural"]["accuracy"] == sum(
+        p.label == 1 for p in pairs) / len(pairs)
+    assert results["recorded: M/Vanilla"]["Natural"]["agreement"] == 1
 
 
 @pytest.mark.parametrize("args, message", [
     (["--base-url", "http://127.0.0.1:9/v1"], "go together"),
     (["--strategy", "rulez"], "strategy 'rulez'"),
     (["--data", "no/such/folder"], "no such folder"),
+    (["--data", str(SCRIPT)], "not a folder"),
+    (["--replay", "GPT-4/Vanilla"], "give --data"),
     (["--base-url", "http://x/v1", "--model", "m", "--verdict-by", "score"], "chat endpoint"),
 ])
 def test_script_mistakes_are_one_line(tmp_path, llmbar, capsys, args, message):
@@ -59,6 +77,7 @@ def test_script_mistakes_are_one_line(tmp_path, llmbar, capsys, args, message):
         run_main(llmbar.main, [*args, "--out-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing is made for a run that cannot start
 
 
 def test_script_judges_with_a_served_model(tmp_path, llmbar, capsys):
@@ -78,7 +97,7 @@ def test_script_judges_with_a_served_model(tmp_path, llmbar, capsys):
                      "vanilla", "--out-dir", str(tmp_path / "out")])
     finally:
         server.close()
-    results = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]["vanilla"]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]["Vanilla"]
     assert results["stats"]["generations"] == 32 and results["stats"]["unparsed"] == 1
     assert results["stats"]["completion_tokens"] == 32 * 5
     ties = results["Natural"]["ties"] + results["Adversarial/Constructed"]["ties"]

@@ -1,15 +1,22 @@
-"""The o1 roadmap, part 1: Monte-Carlo step values, shaping, reward models, token budgets, search
-(MCTS, beam search) on scripted policies, and policy training / reuse at a tiny size."""
+"""The o1 roadmap, part 1: search (MCTS, beam search, voting, best-of-N) on scripted policies,
+token budgets (the end-of-text token included), and policy training / reuse at a tiny size. The
+reward models are tested in test_o1_reward.py."""
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from minillm.errors import run_main
+from minillm.generate import Completion, LocalLM
 from minillm.methods import o1
-from minillm.generate import Completion
+from minillm.methods.o1_reward import OracleScorer
 from minillm.model import GPT, ModelConfig
-from minillm.tasks import make_problem, prompt
+from minillm.tasks import (chain_text, extract_answer, majority_vote, make_problem,
+                           prompt)
 
 
 @pytest.fixture(autouse=True)
@@ -25,8 +32,10 @@ class ScriptedLM:
     """A `LanguageModel` that follows a script: `script[text]` lists what may follow `text`, handed
     out in turn (cycling). A generation takes the next option of its prompt, then goes on from
     prompt + what it has so far while the script knows that text (so a scripted tree of steps is
-    also a policy that writes whole chains). A character costs one token; a stop string cuts the
-    completion as a backend does. Every call is recorded."""
+    also a policy that writes whole chains). A character costs one token. As a backend does, a
+    stop string cuts the completion (its tokens are spent), and a completion that ends within
+    `max_new_tokens` without one ends with the end-of-text token, which is spent too. Every call
+    is recorded."""
 
     def __init__(self, script):
         self.script, self.turn, self.calls = script, {}, []
@@ -45,13 +54,17 @@ class ScriptedLM:
             text = self._next(p)
             while p + text in self.script and not any(s in text for s in stop):
                 text += self._next(p + text)
-            cut = min((text.find(s) + len(s) for s in stop if s in text), default=len(text))
-            used = min(cut, max_new_tokens)
+            stop_end = min((text.find(s) + len(s) for s in stop if s in text), default=None)
+            if stop_end is not None and stop_end <= max_new_tokens:
+                used, reason = stop_end, "stop"
+            elif len(text) < max_new_tokens:
+                used, reason = len(text) + 1, "stop"  # + the end-of-text token
+            else:
+                used, reason = max_new_tokens, "length"
             kept = text[:used]
             for s in stop:
                 kept = kept.split(s)[0]
-            out.append(Completion(kept, len(p), used, None, None,
-                                  "stop" if used == cut else "length"))
+            out.append(Completion(kept, len(p), used, None, None, reason))
         return out
 
     def score(self, contexts, continuations):
@@ -64,49 +77,51 @@ S1, S2, ANS = P.steps[0], P.steps[1], "A: 82"
 WRONG1 = "7+5+0=13, write 3 carry 1"
 
 
-# --- Monte-Carlo step values and shaping ----------------------------------------------------------
+# --- token budgets --------------------------------------------------------------------------------
 
-def test_mc_step_values_on_a_scripted_policy_equal_the_hand_computation():
-    after_s1 = Q + o1.chain_text([S1])
-    after_s2 = Q + o1.chain_text([S1, S2])
-    after_wrong = Q + o1.chain_text([WRONG1])
-    lm = ScriptedLM({
-        # from step 1: 3 of 4 rollouts end with the right answer
-        after_s1: [f"{S2}\nA: 82\n", f"{S2}\nA: 82\n", "4+3+1=9, write 9 carry 0\nA: 92\n",
-                   f"{S2}\nA: 82\n"],
-        # from step 2: 2 of 4 (one has no answer line at all)
-        after_s2: ["A: 82\n", "A: 81\n", "A: 82\n", "I do not know\n"],
-        after_wrong: ["4+3+1=8, write 8 carry 0\nA: 83\n"] * 3 + ["A: 82\n"],
-    })
-    chains = [[S1, S2, ANS], [S1, S2, "A: 81"], [WRONG1]]
-    values, tokens = o1.mc_step_values(lm, [P, P, P], chains, rollouts=4, max_new_tokens=64)
-    # the second chain's first two steps share prefixes with the first: the script keeps turning,
-    # so they see the same four completions again (the scripted cycle has length 4)
-    assert values == [[3 / 4, 2 / 4, 1.0], [3 / 4, 2 / 4, 0.0], [1 / 4]]
-    assert tokens == (2 * sum(map(len, lm.script[after_s1]))
-                      + 2 * sum(map(len, lm.script[after_s2]))
-                      + sum(map(len, lm.script[after_wrong])))
-    assert len(lm.calls) == 1 and len(lm.calls[0][0]) == 5 * 4  # one batched call, 5 prefixes x 4
+def test_token_budget_charges_completion_tokens_and_refuses_what_it_cannot_cover():
+    lm = ScriptedLM({Q: ["abc", "abcdefgh"]})
+    budget = o1.TokenBudget(lm, limit=20)
+    assert budget.affordable(8) == 2
+    budget.generate([Q, Q], max_new_tokens=8)
+    # "abc" and its end-of-text token; "abcdefgh" fills the 8 tokens and has none
+    assert budget.spent == 4 + 8 and budget.remaining == 8 and budget.prompt_tokens == 2 * len(Q)
+    with pytest.raises(o1.BudgetExceeded):
+        budget.generate([Q, Q], max_new_tokens=5)
+    assert budget.spent == 12 and budget.affordable(5) == 1
 
 
-def test_mc_step_tokens_are_the_completions_tokens():
-    after_s1 = Q + o1.chain_text([S1])
-    lm = ScriptedLM({after_s1: ["A: 82\n", "A: 8\n"]})
-    values, tokens = o1.mc_step_values(lm, [P], [[S1]], rollouts=2, max_new_tokens=64)
-    assert values == [[0.5]] and tokens == len("A: 82\n") + len("A: 8\n")
+def eot_policy():
+    """A local model that always writes the end-of-text token first (an empty chain)."""
+    tok = o1.arithmetic_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                            n_embd=16))
+    eot_BTV = torch.zeros(tok.vocab_size)
+    eot_BTV[tok.eot_id] = 100.0
+    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + eot_BTV)
+    return LocalLM(model, tok)
 
 
-def test_shaped_rewards_telescope_to_the_outcome_minus_the_initial_value():
-    values, outcome, initial = [0.5, 0.75, 1.0], 1.0, 0.25
-    rewards = o1.shaped_rewards(values, outcome, initial, gamma=1.0)
-    # r'_1 = 0 + 0.5 - 0.25, r'_2 = 0 + 0.75 - 0.5, r'_3 = 1 + 0 (terminal) - 0.75
-    assert rewards == pytest.approx([0.25, 0.25, 0.25])
-    assert sum(rewards) == pytest.approx(outcome - initial)
-    discounted = o1.shaped_rewards(values, outcome, initial, gamma=0.5)
-    assert discounted == pytest.approx([0.5 * 0.5 - 0.25, 0.5 * 0.75 - 0.5, 1.0 - 0.75])
+def test_budget_charges_the_end_of_text_token():
+    lm = eot_policy()
+    (out,) = lm.generate([Q], max_new_tokens=5, temperature=1.0, seed=0)
+    assert out == "" and out.token_ids == [] and out.completion_tokens == 1
+    assert out.finish_reason == "stop"
+    # whole chains: each empty chain costs its end-of-text token, so sampling ends when 5 more
+    # tokens no longer fit (uncharged, it would never end)
+    budget = o1.TokenBudget(lm, limit=12)
+    chains = o1.sample_chains(budget, P, max_new_tokens=5)
+    assert chains == [""] * 8 and budget.spent == 8 and budget.remaining < 5
+    # steps: a sample without a step extends nothing, so nothing is finished and nothing answered
+    beam = o1.beam_search(lm, OracleScorer(), P, limit=100, width=2, expand=2, step_tokens=10)
+    assert beam.tokens == 2 and beam.candidates == [] and beam.answer is None
+    tree = o1.mcts(lm, OracleScorer(), P, limit=100, children=3, step_tokens=10)
+    # the root got no child: a dead end, closed, so the search stops after one expansion
+    assert tree.tokens == 3 and tree.candidates == [] and tree.text == ""
 
 
-# --- reward models --------------------------------------------------------------------------------
+# --- policy initialisation ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tok():
@@ -123,90 +138,6 @@ def test_arithmetic_tokenizer_splits_digits_and_prefixes_encode_alike(tok):
                                        for i in tok.encode_ordinary(s + "\n")]
     assert pieces == ids
 
-
-def test_reward_model_reads_the_last_token_of_every_step_and_learns_soft_targets(tok, tmp_path):
-    torch.manual_seed(0)
-    policy = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
-                             n_embd=16))
-    rm = o1.ProcessRewardModel(policy, tok)
-    ids, ends = rm.encode(P, [S1, S2])
-    assert tok.decode(ids[:ends[0] + 1]) == Q
-    assert tok.decode(ids[:ends[2] + 1]) == Q + S1 + "\n" + S2 + "\n"
-    assert rm.score([P], [S1 + "\n"]) == [0.5]  # the head starts at zero
-    # the head reads the final norm's output: the same as the LM head's input
-    h = rm.hidden_states(torch.tensor([ids]))
-    assert torch.allclose(policy.lm_head(h), policy(torch.tensor([ids])).logits, atol=1e-6)
-    # a right chain after one step is worth 0.8, a wrong one 0.1; the final answers 1 and 0
-    examples = [o1.RewardExample(P, [S1, S2, ANS], [0.8, None, 1.0]),
-                o1.RewardExample(P, [WRONG1, "A: 83"], [0.1, 0.0])]
-    trained = o1.train_prm(policy, tok, examples, steps=150, batch_size=2, lr=3e-3, log=None)
-    right, wrong = trained.score_steps(P, [S1, S2, ANS]), trained.score_steps(P, [WRONG1, "A: 83"])
-    assert right[0] == pytest.approx(0.8, abs=0.05) and right[2] > 0.95
-    assert wrong[0] == pytest.approx(0.1, abs=0.05) and wrong[1] < 0.05
-    assert trained.score([P], [o1.chain_text([WRONG1])]) == pytest.approx([wrong[0]])
-    assert all(p.grad is None for p in policy.parameters())  # the policy itself is untouched
-    trained.save(tmp_path / "prm.pt")
-    loaded = o1.ProcessRewardModel.load(tmp_path / "prm.pt")
-    assert isinstance(loaded, o1.ProcessRewardModel)
-    assert loaded.score_steps(P, [S1, S2]) == pytest.approx(trained.score_steps(P, [S1, S2]))
-    with pytest.raises(o1.UserError, match="of kind 'prm', not 'orm'"):
-        o1.OutcomeRewardModel.load(tmp_path / "prm.pt")
-
-
-def test_reward_model_confidence_is_the_policys_lowest_and_mean_token_logprob(tok):
-    torch.manual_seed(0)
-    policy = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
-                             n_embd=16))
-    rm = o1.OutcomeRewardModel(policy, tok)
-    ids, ends = rm.encode(P, [S1, S2])
-    with torch.no_grad():
-        logp = torch.log_softmax(policy(torch.tensor([ids])).logits[0], -1)
-        token_logp = [logp[t - 1, ids[t]].item() for t in range(len(ids))]
-        ids_BT, pos_BK = torch.tensor([ids]), torch.tensor([ends])
-        for weights, reduce in (([1.0, 0.0], min), ([0.0, 1.0], lambda x: sum(x) / len(x))):
-            rm.confidence.weight.copy_(torch.tensor([weights]))
-            got = rm.logits(ids_BT, pos_BK)[0].tolist()
-            # after the prompt nothing of the chain is seen yet: 0; then over the chain's tokens
-            want = [0.0] + [reduce(token_logp[ends[0] + 1:end + 1]) for end in ends[1:]]
-            assert got == pytest.approx(want, abs=1e-5)
-
-
-def test_the_orm_learns_the_checker_labels_of_sampled_chains(tok, tmp_path):
-    torch.manual_seed(0)
-    policy = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
-                             n_embd=16))
-    chains = [P.solution, f"{WRONG1}\nA: 83\n", ""]
-    examples = o1.outcome_examples([P], [chains])
-    assert [e.targets for e in examples] == [[None, None, 1.0], [None, 0.0]]
-    orm = o1.train_orm(policy, tok, [P], [chains], steps=60, batch_size=2, lr=3e-3, log=None)
-    right, wrong = orm.score([P, P], chains[:2])
-    assert right > 0.9 and wrong < 0.1
-    orm.save(tmp_path / "orm.pt")
-    assert o1.RewardModel.load(tmp_path / "orm.pt").score([P], chains[:1]) == pytest.approx([right])
-
-
-def test_process_examples_carry_the_mc_values_of_every_step():
-    lm = ScriptedLM({Q + o1.chain_text([S1]): [f"{S2}\nA: 82\n", "A: 1\n"]})
-    examples, tokens = o1.process_examples(lm, [P], [[f"{S1}\nA: 82\n"]], rollouts=2,
-                                           max_new_tokens=64)
-    assert [(e.steps, e.targets) for e in examples] == [([S1, ANS], [0.5, 1.0])]
-    assert tokens == len(f"{S2}\nA: 82\n") + len("A: 1\n")
-
-
-# --- token budgets --------------------------------------------------------------------------------
-
-def test_token_budget_charges_completion_tokens_and_refuses_what_it_cannot_cover():
-    lm = ScriptedLM({Q: ["abc", "abcdefgh"]})
-    budget = o1.TokenBudget(lm, limit=20)
-    assert budget.affordable(8) == 2
-    budget.generate([Q, Q], max_new_tokens=8)
-    assert budget.spent == 3 + 8 and budget.remaining == 9 and budget.prompt_tokens == 2 * len(Q)
-    with pytest.raises(o1.BudgetExceeded):
-        budget.generate([Q, Q], max_new_tokens=5)
-    assert budget.spent == 11 and budget.affordable(5) == 1
-
-
-# --- policy initialisation ------------------------------------------------------------------------
 
 def tiny_policy_config(**kw):
     return o1.PolicyConfig(**{**dict(levels=[1, 2], problems_per_level=40, n_layer=1, n_embd=16,
@@ -271,9 +202,9 @@ def test_uct_prefers_unvisited_then_trades_value_for_exploration_and_backup_reac
 
 def arithmetic_tree():
     """A scripted policy on 47+35: at every step the right step is one option among wrong ones."""
-    r1, r2 = o1.chain_text([S1]), o1.chain_text([S1, S2])
-    w1 = o1.chain_text([WRONG1])
-    w2 = o1.chain_text([S1, "4+3+1=9, write 9 carry 0"])
+    r1, r2 = chain_text([S1]), chain_text([S1, S2])
+    w1 = chain_text([WRONG1])
+    w2 = chain_text([S1, "4+3+1=9, write 9 carry 0"])
     return ScriptedLM({
         Q: [f"{WRONG1}\n", f"{S1}\n", "7+5+0=11, write 1 carry 1\n"],
         Q + r1: ["4+3+1=9, write 9 carry 0\n", f"{S2}\n"],
@@ -288,7 +219,7 @@ def test_beam_search_with_an_oracle_prm_finds_the_correct_chain():
     greedy = o1.greedy(arithmetic_tree(), P, limit=1000, max_new_tokens=90)
     assert greedy.answer == "83"  # the first option at every step is wrong
     lm = arithmetic_tree()
-    result = o1.beam_search(lm, o1.OracleScorer(), P, limit=1000, width=1, expand=3,
+    result = o1.beam_search(lm, OracleScorer(), P, limit=1000, width=1, expand=3,
                             step_tokens=40)
     assert result.text == P.solution and result.answer == "82"
     # three rounds: 3 first steps, 3 seconds of the survivor, 3 answers; each a call of 3
@@ -298,16 +229,16 @@ def test_beam_search_with_an_oracle_prm_finds_the_correct_chain():
 
 def test_mcts_with_an_oracle_prm_finds_the_correct_chain():
     lm = arithmetic_tree()
-    result = o1.mcts(lm, o1.OracleScorer(), P, limit=1000, children=2, step_tokens=40, c_uct=0.5)
+    result = o1.mcts(lm, OracleScorer(), P, limit=1000, children=2, step_tokens=40, c_uct=0.5)
     assert result.answer == "82" and result.text == P.solution
     assert "A: 83" not in result.text
 
 
 def test_mcts_rollout_evaluation_scores_sampled_completions():
     lm = arithmetic_tree()
-    lm.script[Q + o1.chain_text([S1])] = [f"{S2}\n"]  # rollouts from the right first step
-    lm.script[Q + o1.chain_text([S1, S2])] = ["A: 82\n"]
-    result = o1.mcts(lm, o1.OracleScorer(), P, limit=400, children=3, step_tokens=40,
+    lm.script[Q + chain_text([S1])] = [f"{S2}\n"]  # rollouts from the right first step
+    lm.script[Q + chain_text([S1, S2])] = ["A: 82\n"]
+    result = o1.mcts(lm, OracleScorer(), P, limit=400, children=3, step_tokens=40,
                      evaluation="rollout", rollout_tokens=80)
     assert result.answer == "82" and P.solution in result.candidates
 
@@ -335,10 +266,10 @@ def test_every_search_stays_within_its_token_budget(limit):
     runs = {
         "greedy": lambda lm: o1.greedy(lm, P, limit, max_new_tokens=90),
         "majority": lambda lm: o1.majority(lm, P, limit, max_new_tokens=90),
-        "best-of-n": lambda lm: o1.orm_best_of_n(lm, o1.OracleScorer(), P, limit, 90),
-        "beam": lambda lm: o1.beam_search(lm, o1.OracleScorer(), P, limit, 2, 2, step_tokens=30),
-        "mcts": lambda lm: o1.mcts(lm, o1.OracleScorer(), P, limit, 3, step_tokens=30),
-        "mcts-rollout": lambda lm: o1.mcts(lm, o1.OracleScorer(), P, limit, 2, step_tokens=30,
+        "best-of-n": lambda lm: o1.orm_best_of_n(lm, OracleScorer(), P, limit, 90),
+        "beam": lambda lm: o1.beam_search(lm, OracleScorer(), P, limit, 2, 2, step_tokens=30),
+        "mcts": lambda lm: o1.mcts(lm, OracleScorer(), P, limit, 3, step_tokens=30),
+        "mcts-rollout": lambda lm: o1.mcts(lm, OracleScorer(), P, limit, 2, step_tokens=30,
                                            evaluation="rollout", rollout_tokens=60),
     }
     for name, run in runs.items():
@@ -357,9 +288,10 @@ def test_every_search_stays_within_its_token_budget(limit):
 
 def test_majority_vote_and_best_of_n_select_as_defined():
     chains = ["x\nA: 5\n", "y\nA: 7\n", "no answer\n", "z\nA: 7\n"]
-    assert o1.majority_vote(chains) == "y\nA: 7\n"
-    assert o1.majority_vote(["x\nA: 5\n", "y\nA: 7\n"]) == "x\nA: 5\n"  # a tie: seen first
-    assert o1.majority_vote(["no answer\n"]) is None
+    assert majority_vote(chains) == "7" and o1.voted_chain(chains) == "y\nA: 7\n"
+    assert majority_vote(["x\nA: 5\n", "y\nA: 7\n"]) == "5"  # a tie: the answer seen first
+    assert majority_vote(["no answer\n"]) is None and o1.voted_chain(["no answer\n"]) is None
+    assert majority_vote([]) is None
 
     class Length:
         def score(self, problems, texts):
@@ -368,20 +300,50 @@ def test_majority_vote_and_best_of_n_select_as_defined():
     assert o1.best_of_n(chains, P, Length()) == "no answer\n"
 
 
+def test_a_prefix_without_an_answer_never_counts_as_a_finished_chain():
+    # MCTS at depth 1: the children are closed at the depth limit, but none is a complete chain
+    lm = arithmetic_tree()
+    tree = o1.mcts(lm, OracleScorer(), P, limit=1000, children=3, step_tokens=40, max_depth=1)
+    assert tree.candidates == [] and tree.answer is None and len(tree.text.split("\n")) == 2
+    # rollouts cut before their answer line are evaluated, but are no candidates
+    lm = arithmetic_tree()
+    tree = o1.mcts(lm, OracleScorer(), P, limit=1000, children=3, step_tokens=40,
+                   evaluation="rollout", rollout_tokens=20)
+    assert tree.candidates and all(extract_answer(c) is not None for c in tree.candidates)
+    # beam search: a beam whose policy writes a blank line is dropped, the others go on
+    lm = arithmetic_tree()
+    lm.script[Q] = ["\n", f"{S1}\n"]
+    beam = o1.beam_search(lm, OracleScorer(), P, limit=1000, width=2, expand=2, step_tokens=40)
+    assert beam.text == P.solution and all("\n\n" not in c for c in beam.candidates)
+
+
 # --- the script -----------------------------------------------------------------------------------
 
-def test_the_script_runs_at_a_tiny_size_within_its_budgets_and_reuses_what_it_trained(tmp_path,
-                                                                                      capsys):
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    from minillm.errors import run_main
-
+def load_script():
     path = Path(__file__).resolve().parents[1] / "scripts" / "o1.py"
     spec = importlib.util.spec_from_file_location("o1_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_the_script_reports_auc_pooled_and_within_a_question():
+    auc = load_script().auc
+    # question 0 is easy (every score high), question 1 hard (every score low)
+    scores = [0.9, 0.7, 0.8, 0.3, 0.1, 0.2]
+    labels = [True, True, False, True, False, False]
+    questions = [0, 0, 0, 1, 1, 1]
+    # within: q0 has (0.9 > 0.8, 0.7 < 0.8), q1 has (0.3 > 0.1, 0.3 > 0.2): 3 of 4 pairs
+    assert auc(scores, labels, questions) == 0.75
+    # pooled: 3 right x 3 wrong pairs; the hard question's right chain loses to q0's wrong one
+    assert auc(scores, labels) == pytest.approx(7 / 9)
+    assert auc([0.5, 0.5], [True, False]) == 0.5 and auc([0.5], [True]) is None
+    assert auc([0.9, 0.1], [True, False], [0, 1]) is None  # no question has both
+
+
+def test_the_script_runs_at_a_tiny_size_within_its_budgets_and_reuses_what_it_trained(tmp_path,
+                                                                                      capsys):
+    script = load_script()
     threads = torch.get_num_threads()
     try:
         script.main(["--tiny", "true", "--out-dir", str(tmp_path)])
@@ -397,11 +359,15 @@ def test_the_script_runs_at_a_tiny_size_within_its_budgets_and_reuses_what_it_tr
             assert accuracy["orm-best-of-n"][n] <= accuracy["pass@n"][n]
         out = capsys.readouterr().out
         assert "| pass@N (ceiling) |" in out and "| MCTS (PRM evaluation) |" in out
+        assert set(results["reward_model_auc"]["orm"]) == {"pooled", "within_question"}
         # a second run reuses the policy and the reward models
         script.main(["--tiny", "true", "--out-dir", str(tmp_path)])
         out = capsys.readouterr().out
         assert "reusing" in out and "pretraining" in out and "training" not in out.replace(
             "pretraining", "")
+        # other reward-model settings are not reused
+        script.main(["--tiny", "true", "--out-dir", str(tmp_path), "--rm-lr", "0.002"])
+        assert "reusing" not in capsys.readouterr().out
         with pytest.raises(SystemExit) as e:
             run_main(script.main, ["--budgets", "0", "--out-dir", str(tmp_path)])
         assert e.value.code == 2 and "--budgets" in capsys.readouterr().err

@@ -26,9 +26,10 @@ Defaults: the argparse defaults of the authors' code (github.com/yinzhangyue/AoR
 Choices of ours, where the paper and its code are silent or do otherwise:
 - A chain without a well-formed answer line joins no bucket (it still counts as a sample drawn).
 - Ties (equal global scores) go to the answer with more chains, then to the one sampled first.
-  Majority voting (`majority_vote`) breaks its ties the same way, so a judge that gives every chain
-  the same score chooses exactly what voting chooses on the same chains (above the threshold every
-  bucket ties globally; below it every bucket is dropped, which falls back to voting).
+  Majority voting (`tasks.majority_vote`) breaks its ties the same way, so a judge that gives
+  every chain the same score chooses exactly what voting chooses on the same chains (above the
+  threshold every bucket ties globally; below it every bucket is dropped, which falls back to
+  voting).
 - No bucket survives local scoring: the authors' code gives up on the question; here the margin is
   0 (dynamic sampling continues) and, if nothing survives at the end, the answer is the vote over
   all chains, marked `fallback` in the result. Chains drawn with no answer at all also have margin
@@ -55,12 +56,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..generate import LanguageModel
-from ..tasks import Problem, check, extract_answer
+from ..tasks import Problem, check, extract_answer, majority_vote
 
 MAX_SCORE = 10.0
 
 
-# --- buckets and voting --------------------------------------------------------------------------
+# --- buckets -------------------------------------------------------------------------------------
 
 def bucket_by_answer(chains: Sequence[str]) -> dict[str, list[int]]:
     """Indices of the chains reaching each answer, answers in order of first appearance; chains
@@ -71,14 +72,6 @@ def bucket_by_answer(chains: Sequence[str]) -> dict[str, list[int]]:
         if answer is not None:
             buckets.setdefault(answer, []).append(i)
     return buckets
-
-
-def majority_vote(chains: Sequence[str]) -> str | None:
-    """The answer most chains reach; a tie goes to the answer sampled first; None when no chain
-    has an answer."""
-    buckets = bucket_by_answer(chains)
-    # max keeps the first of equal keys, and the buckets are in order of first appearance
-    return max(buckets, key=lambda a: len(buckets[a]), default=None)
 
 
 # --- judges --------------------------------------------------------------------------------------
@@ -138,7 +131,7 @@ class NoisyOracleJudge:
 class OutcomeScorer(Protocol):
     def score(self, problems: list[Problem], texts: list[str]) -> list[float]:
         """Probability that each text, a solution of its problem, reaches the right answer
-        (`minillm.methods.o1.OutcomeRewardModel` is one)."""
+        (`minillm.methods.o1_reward.OutcomeRewardModel` is one)."""
 
 
 class ORMJudge:
