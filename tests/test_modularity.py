@@ -335,7 +335,23 @@ def test_script_tiny_trains_keeps_checkpoints_and_reports_all_three_tables(tmp_p
     hf = script.main(["--hf", str(tmp_path / "hf"), "--probing", str(probing),
                       "--out-dir", str(tmp_path / "hf_out"), "--experts", "4"])
     assert hf["functional"]["clusters"]["pairs"] == 2 * 4  # 2 layers x 4 experts x 1 function
+    # the documented way for a pretrained GPT-2: --hf FOLDER alone probes the planted functions
+    planted = script.main(["--hf", str(tmp_path / "hf"), "--examples", "16", "--experts", "4",
+                           "--out-dir", str(tmp_path / "hf_planted")])
+    assert set(planted["answer_loss"]) == {"size", "parity", "mood", "colour"}
+    assert planted["functional"]["clusters"]["pairs"] == 2 * 4 * 4 and "emergence" not in planted
     probing.write_text("\n".join(json.dumps({**r, "label": 1}) for r in rows))
     with pytest.raises(UserError, match="one class only"):
         script.main(["--checkpoint", str(checkpoints[-1]), "--probing", str(probing),
                      "--out-dir", str(tmp_path / "bad")])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--perturbation", "noise"], "--perturbation 'noise': expected one of shuffle, permute, both"),
+    (["--perturb-layers", "first"], "--perturb-layers 'first': expected one of last-third, all"),
+    (["--threads", "-1"], "--threads -1: expected 0"),
+    (["--var", "0"], "--var 0.0: the shuffle's scale must be positive"),
+])
+def test_script_flags_are_checked_before_any_work(tmp_path, flags, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        load_script().main(flags + ["--out-dir", str(tmp_path)])
