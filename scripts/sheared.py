@@ -28,7 +28,8 @@ from minillm.corpus import stdlib_docstrings
 from minillm.data import TokenDataset, parse_domains, prepare
 from minillm.errors import UserError, run_main
 from minillm.evaluate import evaluate_loss
-from minillm.model import GPT, ModelConfig, load_model, preset, save_model
+from minillm.model import GPT, ModelConfig, preset
+from minillm.checkpoint import load_model, save_model
 from minillm.methods.sheared import (DynamicBatchLoading, PruningSchedule, ShearingMasks,
                                      TargetShape, compact, load_reference_losses, magnitude_masks)
 from minillm.tokenizer import tokenizer_from_dict, train_bpe

@@ -224,7 +224,7 @@ def test_the_script_runs_at_a_tiny_size_and_resumes_by_stage(domains, tmp_path, 
     import importlib.util
     from pathlib import Path
 
-    from minillm.model import load_model
+    from minillm.checkpoint import load_model
     spec = importlib.util.spec_from_file_location(
         "sheared_script", Path(__file__).resolve().parents[1] / "scripts" / "sheared.py")
     script = importlib.util.module_from_spec(spec)
@@ -254,7 +254,7 @@ def test_the_script_runs_at_a_tiny_size_and_resumes_by_stage(domains, tmp_path, 
 def test_the_script_prunes_under_fsdp_on_two_processes(domains, tmp_path):
     from pathlib import Path
 
-    from minillm.model import load_model
+    from minillm.checkpoint import load_model
     from tests.distributed import torchrun
     out = torchrun(Path(__file__).resolve().parents[1] / "scripts" / "sheared.py",
                    "--out-dir", str(tmp_path), "--domains", f"a={domains / 'a'}", f"b={domains / 'b'}",
