@@ -2,25 +2,32 @@
 text with planted functions, does perturbing them hurt their own function most, and when does the
 expert structure settle compared with single neurons? (minillm/methods/modularity.py; Zhang et al. 2023)
 
-    python scripts/modularity.py                  # trains the tiny LM, then the three tables
+    python scripts/modularity.py                  # trains the tiny LM, then the tables
     python scripts/modularity.py --tiny true      # seconds: a smoke run
+    python scripts/modularity.py --hf path/to/gpt2           # a pretrained GPT-2 folder, planted probes
+    python scripts/modularity.py --hf path/to/gpt2 --probing probes.jsonl
     python scripts/modularity.py --checkpoint out/run/ckpt_0000800.pt --probing probes.jsonl
-    python scripts/modularity.py --hf path/to/gpt2-folder --probing probes.jsonl
     python scripts/modularity.py --run-dir out/run --probing probes.jsonl   # emergence over ckpt_*.pt
 
 By default four binary functions are planted in a corpus of standard-library docstrings: animal
 size ("the whale is a big animal"), digit parity ("the number seven is odd"), review mood
 ("review: lovely bright warm, verdict good") and fruit colour ("the lemon looks yellow"). Each
 probing set holds fresh prompts of one function with their labels, the answer word after the
-prompt. A probing file (`--probing`, JSON lines) gives other functions for any model:
+prompt; the same sets probe any model (`--hf`: a Hugging Face GPT-2-family folder with
+config.json, its weights and tokenizer.json, as `save_pretrained` writes it). A probing file
+(`--probing`, JSON lines) gives other functions:
 {"function": "size", "text": "the whale is a", "label": 1, "answer": " big"}; without "answer"
-the perturbation table is skipped.
+the perturbation tables are skipped.
 
-Prints: (1) functional experts (MoEfication clusters, or a native MoE's experts) beside random
-partitions of the same sizes; (2) perturbation damage (loss increase on the answers) of functional
-experts vs. the same number of top-predictivity neurons vs. random neurons, on the function they
-belong to and on the others; (3) emergence: Spearman of neuron- and expert-level predictivity
-between adjacent checkpoints (final clusters for all; per-checkpoint clusters matched).
+Prints: (0) the model's answer loss per function (did it learn them?) and how alike the W_in rows
+of each function's top neurons are; (1) functional experts (MoEfication clusters, or a native
+MoE's experts) beside random partitions of the same sizes; (2) perturbation damage (loss increase
+on the answers) of functional experts vs. the same number of top-predictivity neurons vs. random
+neurons, on the function they belong to and on the others, in the last third of the layers:
+(2a) the official shuffle over examples, positions and neurons times --var 4, (2b) a permutation
+of each neuron over examples; (3) emergence: Spearman of neuron- and expert-level predictivity
+between adjacent checkpoints, per function and their mean (final clusters for all, as the
+official code; per-checkpoint clusters matched; random partitions).
 """
 
 import json

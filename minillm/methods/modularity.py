@@ -13,9 +13,10 @@ one function, and whose perturbation hurts that function more than others? In fi
    on W_in rows) or a native MoE's experts. For each sub-function take the top `share` of a layer's
    neurons by predictivity (N of M), count them per expert (n neurons); the expert is *functional*
    when the one-sided hypergeometric tail P(X >= count) <= `alpha`. Reported: the share of
-   (expert, sub-function) pairs that are functional, and the *modularisation extent* (mean of
-   count / expected count over the functional pairs), beside the same for random partitions of the
-   same sizes.
+   (expert, sub-function) pairs that are functional, and the *modularisation extent*, count /
+   expected count, averaged over the functional pairs and, as the official code does, per
+   (layer, sub-function) with 0 where none is functional; beside the same for random partitions
+   of the same sizes.
 4. Perturbation, as in the official code (thunlp/Modularity-Analysis, Perturbation4T5/
    glue_inf.py): in the last third of the layers (T5-base's encoder layers 8-11 of 12), the
    chosen neurons' activations over a batch (B x T x n values) are shuffled as one flat list,
@@ -36,8 +37,9 @@ one function, and whose perturbation hurts that function more than others? In fi
 
 Knobs (defaults): share 0.1 of a layer's neurons (the paper's 1% has no power at a few hundred
 neurons), alpha 0.001 (the paper's), 16 experts per layer (the paper's MoEfication), k 1 functional
-expert per layer perturbed, var 4. Activations supported: ReLU and GELU (a SwiGLU unit is a signed product
-whose max is not an activation level; the analysis refuses it by name).
+expert per layer perturbed, var 4 (the official perturbation's). Activations supported: ReLU and
+GELU (a SwiGLU unit is a signed product whose max is not an activation level; the analysis refuses
+it by name).
 """
 
 from __future__ import annotations
