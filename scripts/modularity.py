@@ -66,8 +66,8 @@ class ModularityConfig:
         "help": "emergence over the ckpt_*.pt of this run (default: the run trained here)"})
     probing: str | None = field(default=None, metadata={
         "help": "probing sets as JSON lines {function, text, label[, answer]} (default: planted)"})
-    steps: int = 600
-    ckpt_interval: int = 50
+    steps: int = 2000
+    ckpt_interval: int = 200
     n_layer: int = 2
     n_embd: int = 128
     block_size: int = 64
