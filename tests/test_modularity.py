@@ -22,9 +22,11 @@ from minillm.hf import save_hf, save_hf_tokenizer
 from minillm.model import GPT, ModelConfig
 from minillm.checkpoint import load_model
 from minillm.methods.modularity import (ProbingSet, average_precision, collect_activations, emergence,
-                                        expert_units, find_functional_experts, function_loss, hypergeom_sf,
-                                        match_partition, min_cost_assignment, modularity_summary,
-                                        moefication_partitions, predictivity, random_baseline, rankdata,
+                                        expert_predictivity, expert_units, find_functional_experts,
+                                        function_loss, hypergeom_sf, match_partition,
+                                        min_cost_assignment, modularity_summary,
+                                        moefication_partitions, permute_units, perturbation_layers,
+                                        predictivity, random_baseline, rankdata, shuffle_units,
                                         spearman)
 from minillm.moefy import moefy_ffn
 
@@ -94,10 +96,32 @@ def test_matched_partition_and_emergence_recover_relabelled_experts():
     assert np.array_equal(match_partition(relabelled, part), part)
     pred = {0: {"f": rng.random(32), "g": rng.random(32)}}
     rows = emergence([pred, pred], [{0: relabelled}, {0: part}])
-    assert rows == [{"neuron": 1.0, "expert_final": 1.0, "expert_matched": 1.0}]
+    levels = {"neuron": 1.0, "expert_final": 1.0, "expert_matched": 1.0, "random": 1.0}
+    assert rows == [{**levels, "by_function": {"f": levels, "g": levels}}]
     noisy = {0: {f: p + rng.normal(0, 0.3, 32) for f, p in pred[0].items()}}
     row = emergence([pred, noisy], [{0: part}, {0: part}])[0]
     assert row["neuron"] < 1 and -1 <= row["expert_final"] <= 1
+
+
+def test_emergence_is_the_official_mean_of_per_layer_per_function_spearman():
+    """One Spearman per (layer, sub-function), averaged over layers per function and then over
+    functions; not one Spearman of everything pooled (which differs on this data)."""
+    rng = np.random.default_rng(3)
+    part = np.repeat(np.arange(4), 8)
+    a = {l: {f: rng.random(32) + 3 * (f == "g") for f in ("f", "g")} for l in (0, 1)}
+    b = {l: {"f": a[l]["f"] + rng.normal(0, 0.5, 32), "g": rng.random(32) + 3} for l in (0, 1)}
+    row = emergence([a, b], [{0: part, 1: part}, {0: part, 1: part}], random_repeats=3)[0]
+    for f in ("f", "g"):
+        want = np.mean([spearman(a[l][f], b[l][f]) for l in (0, 1)])
+        assert row["by_function"][f]["neuron"] == pytest.approx(want)
+        want = np.mean([spearman(expert_predictivity(a[l][f], part), expert_predictivity(b[l][f], part))
+                        for l in (0, 1)])
+        assert row["by_function"][f]["expert_final"] == pytest.approx(want)
+    assert row["neuron"] == pytest.approx(np.mean([row["by_function"][f]["neuron"] for f in "fg"]))
+    pooled = spearman(np.concatenate([a[l][f] for l in (0, 1) for f in "fg"]),
+                      np.concatenate([b[l][f] for l in (0, 1) for f in "fg"]))
+    assert abs(pooled - row["neuron"]) > 0.2  # pooling the functions' offsets inflates it
+    assert -1 <= row["random"] <= 1
 
 
 # --- a planted toy: expert 1 of layer 0 alone detects the trigger token and answers for it -------------
@@ -162,9 +186,61 @@ def test_planted_expert_is_found_and_perturbing_it_hurts_its_function_only():
     units = expert_units({0: test}, {0: partition}, k=2)  # only the functional one of the top 2
     assert units[0].tolist() == list(range(8, 16))
     clean = function_loss(model, probe)
-    assert function_loss(model, probe, {0: units[0]}) > clean + 0.3
-    # neurons that write nothing: perturbing them changes nothing at all
-    assert function_loss(model, probe, {0: np.arange(16, 32)}) == clean
+    for method in ("shuffle", "permute"):
+        assert function_loss(model, probe, {0: units[0]}, method=method) > clean + 0.3
+        # neurons that write nothing: perturbing them changes nothing at all
+        assert function_loss(model, probe, {0: np.arange(16, 32)}, method=method) == clean
+
+
+def test_official_shuffle_keeps_the_pool_scales_it_by_var_and_mixes_examples_positions_neurons():
+    """The official perturbation (Perturbation4T5/glue_inf.py): the chosen neurons' values at the
+    batch's real tokens are shuffled as one list and multiplied by var, so the perturbed values are
+    var x the same multiset: mean var x, variance var^2 x. Everything else is untouched."""
+    B, T, U = 6, 5, 10
+    # each value names its source: example b, position t, neuron u
+    h_BTU = (100 * torch.arange(B)[:, None, None] + 10 * torch.arange(T)[None, :, None]
+             + torch.arange(U)[None, None, :]).float() + 0.5
+    lengths = torch.tensor([5, 3, 5, 2, 4, 5])
+    valid_BT = torch.arange(T)[None, :] < lengths[:, None]
+    units = torch.tensor([1, 4, 7])
+    out = shuffle_units(h_BTU, units, valid_BT, 4.0, torch.Generator().manual_seed(0))
+    pool, new = h_BTU[valid_BT][:, units], out[valid_BT][:, units]
+    assert torch.equal(new.flatten().sort().values, (4 * pool.flatten()).sort().values)
+    assert new.mean() == pytest.approx(4 * pool.mean(), rel=1e-6)
+    assert new.var() == pytest.approx(16 * pool.var(), rel=1e-6)
+    others = torch.tensor([u for u in range(U) if u not in units])
+    assert torch.equal(out[:, :, others], h_BTU[:, :, others])
+    assert torch.equal(out[~valid_BT], h_BTU[~valid_BT])  # padding is not in the pool
+    source = (new / 4 - 0.5).long()
+    b_src, t_src, u_src = source // 100, source // 10 % 10, source % 10
+    b_here = torch.arange(B)[:, None, None].expand(B, T, 3)[valid_BT]
+    t_here = torch.arange(T)[None, :, None].expand(B, T, 3)[valid_BT]
+    assert (b_src != b_here).any() and (t_src != t_here).any() and (u_src != units).any()
+    assert torch.isin(u_src, units).all()  # only chosen neurons' values enter the pool
+    # the earlier option: each neuron over examples, position by position: values stay in place
+    perm = torch.tensor([3, 0, 1, 5, 2, 4])
+    kept = permute_units(h_BTU, units, perm)
+    assert torch.equal(kept[:, :, units], h_BTU[perm][:, :, units])
+
+
+def test_shuffle_through_the_model_hooks_has_the_official_statistics():
+    """What the down projection receives under `function_loss(..., method="shuffle")`: at the
+    chosen neurons, 4 x the clean activations' mean and 16 x their variance; other neurons as
+    clean."""
+    model, probe = planted_model(), planted_probe()
+    seen = []
+    hook = model.blocks[0].ffn.down.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    units = np.array([2, 9, 10, 20, 31])
+    function_loss(model, probe)
+    function_loss(model, probe, {0: units}, method="shuffle", scale=4.0)
+    hook.remove()
+    clean, shuffled = seen
+    assert shuffled[:, :, units].mean() == pytest.approx(4 * clean[:, :, units].mean(), rel=1e-5)
+    assert shuffled[:, :, units].var() == pytest.approx(16 * clean[:, :, units].var(), rel=1e-5)
+    rest = np.setdiff1d(np.arange(32), units)
+    assert torch.equal(shuffled[:, :, rest], clean[:, :, rest])
+    assert perturbation_layers(12) == [8, 9, 10, 11]  # T5-base: encoder layers 8-11
+    assert perturbation_layers(2) == [1] and perturbation_layers(1) == [0]
 
 
 def test_bad_input_is_a_named_error():
@@ -183,6 +259,8 @@ def test_bad_input_is_a_named_error():
         collect_activations(swiglu, probe)
     with pytest.raises(UserError, match="has no answers"):
         function_loss(model, ProbingSet("x", probe.tokens, probe.labels))
+    with pytest.raises(UserError, match="perturbation 'noise': expected one of shuffle, permute"):
+        function_loss(model, probe, {0: np.arange(4)}, method="noise")
 
 
 def test_native_moe_experts_are_read_and_perturbed_like_the_dense_ffn_they_came_from():
@@ -223,14 +301,19 @@ def test_script_tiny_trains_keeps_checkpoints_and_reports_all_three_tables(tmp_p
     script = load_script()
     results = script.main(["--tiny", "true", "--out-dir", str(tmp_path)])
     printed = capsys.readouterr().out
-    for heading in ("(1) functional experts", "(2) perturbation", "(3) emergence"):
+    for heading in ("(0) the model", "(1) functional experts", "(2a) perturbation: official shuffle",
+                    "(2b) perturbation: permutation", "(3) emergence"):
         assert heading in printed
     checkpoints = sorted((tmp_path / "run").glob("ckpt_*.pt"))
     assert len(checkpoints) == 3  # every ckpt_interval, none deleted
     assert [(r["from"], r["to"]) for r in results["emergence"]] == [(10, 20), (20, 30)]
     for row in results["emergence"]:
-        assert all(-1 <= row[k] <= 1 for k in ("neuron", "expert_final", "expert_matched"))
-    assert set(results["perturbation"]["clean"]) == {"size", "parity", "mood", "colour"}
+        for level in ("neuron", "expert_final", "expert_matched", "random"):
+            assert -1 <= row[level] <= 1
+            assert row[level] == pytest.approx(np.mean([v[level] for v in row["by_function"].values()]))
+    assert set(results["answer_loss"]) == {"size", "parity", "mood", "colour"}
+    for method in ("shuffle", "permute"):
+        assert results["perturbation"][method]["layers"] == [1]  # the last third of 2 layers
     assert 0 <= results["functional"]["random"]["functional_share"] <= 1
     saved = json.loads((tmp_path / "results.json").read_text())  # strict JSON: nan is null
     assert saved["functional"]["clusters"]["pairs"] == results["functional"]["clusters"]["pairs"]
@@ -243,7 +326,7 @@ def test_script_tiny_trains_keeps_checkpoints_and_reports_all_three_tables(tmp_p
     probing.write_text("\n".join(json.dumps(r) for r in rows))
     again = script.main(["--checkpoint", str(checkpoints[-1]), "--probing", str(probing),
                          "--out-dir", str(tmp_path / "again"), "--experts", "4"])
-    assert set(again["perturbation"]["clean"]) == {"size"} and "emergence" not in again
+    assert set(again["answer_loss"]) == {"size"} and "emergence" not in again
     # a Hugging Face GPT-2 folder with GELU (the tiny model's weights under another activation)
     model, tok, _ = load_model(checkpoints[-1])
     gelu = GPT(dataclasses.replace(model.config, activation="gelu_tanh"))
@@ -253,7 +336,23 @@ def test_script_tiny_trains_keeps_checkpoints_and_reports_all_three_tables(tmp_p
     hf = script.main(["--hf", str(tmp_path / "hf"), "--probing", str(probing),
                       "--out-dir", str(tmp_path / "hf_out"), "--experts", "4"])
     assert hf["functional"]["clusters"]["pairs"] == 2 * 4  # 2 layers x 4 experts x 1 function
+    # the documented way for a pretrained GPT-2: --hf FOLDER alone probes the planted functions
+    planted = script.main(["--hf", str(tmp_path / "hf"), "--examples", "16", "--experts", "4",
+                           "--out-dir", str(tmp_path / "hf_planted")])
+    assert set(planted["answer_loss"]) == {"size", "parity", "mood", "colour"}
+    assert planted["functional"]["clusters"]["pairs"] == 2 * 4 * 4 and "emergence" not in planted
     probing.write_text("\n".join(json.dumps({**r, "label": 1}) for r in rows))
     with pytest.raises(UserError, match="one class only"):
         script.main(["--checkpoint", str(checkpoints[-1]), "--probing", str(probing),
                      "--out-dir", str(tmp_path / "bad")])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--perturbation", "noise"], "--perturbation 'noise': expected one of shuffle, permute, both"),
+    (["--perturb-layers", "first"], "--perturb-layers 'first': expected one of last-third, all"),
+    (["--threads", "-1"], "--threads -1: expected 0"),
+    (["--var", "0"], "--var 0.0: the shuffle's scale must be positive"),
+])
+def test_script_flags_are_checked_before_any_work(tmp_path, flags, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        load_script().main(flags + ["--out-dir", str(tmp_path)])

@@ -13,22 +13,33 @@ one function, and whose perturbation hurts that function more than others? In fi
    on W_in rows) or a native MoE's experts. For each sub-function take the top `share` of a layer's
    neurons by predictivity (N of M), count them per expert (n neurons); the expert is *functional*
    when the one-sided hypergeometric tail P(X >= count) <= `alpha`. Reported: the share of
-   (expert, sub-function) pairs that are functional, and the *modularisation extent* (mean of
-   count / expected count over the functional pairs), beside the same for random partitions of the
-   same sizes.
-4. Perturbation: the chosen neurons' activations are replaced, through the same hooks, by those
-   of other examples of the batch (a random permutation over examples, position by position), and
-   each function's loss on its answer tokens is measured. Chosen neurons: a function's functional
-   experts, the same number of its top-predictivity neurons per layer, or random ones.
-5. Emergence: Spearman correlation of neuron-level and expert-level predictivity (an expert's is
-   the mean of its neurons') between adjacent checkpoints, with the partition stated: the final
-   checkpoint's clusters for all, or each checkpoint's own clusters matched to the next one's by
-   an optimal assignment (Hungarian algorithm on neuron overlap).
+   (expert, sub-function) pairs that are functional, and the *modularisation extent*, count /
+   expected count, averaged over the functional pairs and, as the official code does, per
+   (layer, sub-function) with 0 where none is functional; beside the same for random partitions
+   of the same sizes.
+4. Perturbation, as in the official code (thunlp/Modularity-Analysis, Perturbation4T5/
+   glue_inf.py): in the last third of the layers (T5-base's encoder layers 8-11 of 12), the
+   chosen neurons' activations over a batch (B x T x n values) are shuffled as one flat list,
+   across examples, positions and neurons, and multiplied by var = 4; the mean is not kept (it
+   becomes 4 times the pool's, the variance 16 times). We shuffle the real tokens only (the
+   official pool includes padding). Option "permute": each chosen neuron takes its own
+   activation from another example of the batch, position by position (keeps every neuron's
+   distribution; our earlier default). Measured: each function's loss on its answer tokens.
+   Chosen neurons: a function's functional experts, the same number of its top-predictivity
+   neurons per layer, or random ones.
+5. Emergence (Stabilization/ExpertAndNeuron_Stabilization.py): Spearman correlation between
+   adjacent checkpoints of neuron-level and of expert-level predictivity (an expert's is the
+   mean of its neurons'), one per (layer, sub-function), averaged over layers per sub-function
+   and then over sub-functions; beside random partitions of the same sizes (the official
+   baseline). Partitions: the final checkpoint's clusters for all (official), or each
+   checkpoint's own clusters matched to the next one's by an optimal assignment (Hungarian
+   algorithm on neuron overlap).
 
 Knobs (defaults): share 0.1 of a layer's neurons (the paper's 1% has no power at a few hundred
 neurons), alpha 0.001 (the paper's), 16 experts per layer (the paper's MoEfication), k 1 functional
-expert per layer perturbed. Activations supported: ReLU and GELU (a SwiGLU unit is a signed product
-whose max is not an activation level; the analysis refuses it by name).
+expert per layer perturbed, var 4 (the official perturbation's). Activations supported: ReLU and
+GELU (a SwiGLU unit is a signed product whose max is not an activation level; the analysis refuses
+it by name).
 """
 
 from __future__ import annotations
@@ -309,19 +320,24 @@ def random_partition(partition_U: np.ndarray, rng: np.random.Generator) -> np.nd
 def modularity_summary(preds: dict[int, dict[str, np.ndarray]], partitions: dict[int, np.ndarray],
                        share: float = 0.1, alpha: float = 1e-3, tiebreaks=None) -> dict:
     """Over layers and sub-functions: the share of (expert, sub-function) pairs that are functional
-    and the modularisation extent (mean count / expected count over the functional pairs; nan when
-    there are none). `preds[layer][function]` is the predictivity of the layer's neurons,
-    `tiebreaks` (optional) the same structure for `rank_neurons`."""
-    functional, ratios, total = 0, [], 0
+    and the modularisation extent, count / expected count, two ways: `extent`, the mean over the
+    functional pairs (nan when there are none), and `extent_official`, the official code's: per
+    (layer, sub-function) the mean over its functional experts, 0 when it has none, then the mean
+    over (layer, sub-function). `preds[layer][function]` is the predictivity of the layer's
+    neurons, `tiebreaks` (optional) the same structure for `rank_neurons`."""
+    functional, ratios, total, per_pair = 0, [], 0, []
     for layer, per_function in preds.items():
         for function, pred in per_function.items():
             tiebreak = tiebreaks[layer][function] if tiebreaks is not None else None
             t = find_functional_experts(pred, partitions[layer], share, alpha, tiebreak)
             functional += int(t.functional.sum())
             total += len(t.functional)
-            ratios += list(t.counts[t.functional] / t.expected[t.functional])
+            pair_ratios = list(t.counts[t.functional] / t.expected[t.functional])
+            ratios += pair_ratios
+            per_pair.append(float(np.mean(pair_ratios)) if pair_ratios else 0.0)
     return {"functional_share": functional / total, "functional": functional, "pairs": total,
-            "extent": float(np.mean(ratios)) if ratios else float("nan")}
+            "extent": float(np.mean(ratios)) if ratios else float("nan"),
+            "extent_official": float(np.mean(per_pair))}
 
 
 def random_baseline(preds, partitions, share=0.1, alpha=1e-3, repeats=20, seed=0,
@@ -332,7 +348,9 @@ def random_baseline(preds, partitions, share=0.1, alpha=1e-3, repeats=20, seed=0
                                share, alpha, tiebreaks) for _ in range(repeats)]
     extents = [r["extent"] for r in runs if not math.isnan(r["extent"])]
     return {"functional_share": float(np.mean([r["functional_share"] for r in runs])),
-            "extent": float(np.mean(extents)) if extents else float("nan"), "repeats": repeats}
+            "extent": float(np.mean(extents)) if extents else float("nan"),
+            "extent_official": float(np.mean([r["extent_official"] for r in runs])),
+            "repeats": repeats}
 
 
 def moefication_partitions(model: GPT, num_experts: int = 16, seed: int = 0) -> dict[int, np.ndarray]:
@@ -378,36 +396,76 @@ def random_units(sizes: dict[int, int], counts: dict[int, int], rng) -> dict[int
     return {l: rng.choice(sizes[l], counts[l], replace=False) for l in counts}
 
 
+PERTURBATIONS = ("shuffle", "permute")
+
+
+def perturbation_layers(n_layer: int) -> list[int]:
+    """The layers the official code perturbs: the last third (T5-base's encoder layers 8-11 of
+    12); at least the last layer."""
+    return list(range(min((2 * n_layer) // 3, n_layer - 1), n_layer))
+
+
+def shuffle_units(h_BTU: torch.Tensor, units: torch.Tensor, valid_BT: torch.Tensor, scale: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The official perturbation: the chosen units' activations at the batch's real tokens, a pool
+    of V positions x n units, are shuffled as one flat list (across examples, positions *and*
+    units) and multiplied by `scale`. The pool's values are kept as a multiset, so the perturbed
+    activations have `scale` times its mean and `scale`^2 times its variance: the mean is not kept.
+    Other units and padding positions are unchanged."""
+    out = h_BTU.clone()
+    rows_VU = out[valid_BT]
+    pool_Vn = rows_VU[:, units]
+    order = torch.randperm(pool_Vn.numel(), generator=generator).to(h_BTU.device)
+    rows_VU[:, units] = pool_Vn.reshape(-1)[order].view_as(pool_Vn) * scale
+    out[valid_BT] = rows_VU
+    return out
+
+
+def permute_units(h_BTU: torch.Tensor, units: torch.Tensor, perm_B: torch.Tensor) -> torch.Tensor:
+    """Our earlier perturbation (an option): each chosen unit takes, position by position, its own
+    activation from another example of the batch (`perm_B`): every unit keeps its distribution."""
+    out = h_BTU.clone()
+    out[:, :, units] = h_BTU[perm_B][:, :, units]
+    return out
+
+
 @torch.no_grad()
 def function_loss(model: GPT, probe: ProbingSet, perturb: dict[int, np.ndarray] | None = None,
-                  batch_size: int = 256, seed: int = 0) -> float:
+                  batch_size: int = 256, seed: int = 0, method: str = "shuffle",
+                  scale: float = 4.0) -> float:
     """Mean cross-entropy on the answer tokens of `probe`, with the activations of the neurons in
-    `perturb` ({layer: neuron ids}) replaced by those of a random permutation of the batch's
-    examples (position by position; use batches that hold many examples)."""
+    `perturb` ({layer: neuron ids}) perturbed batch by batch: `method` "shuffle" is the official
+    `shuffle_units` (with `scale`, the official var = 4), "permute" is `permute_units` over the
+    batch's examples (use batches that hold many examples). Which layers to perturb is the
+    caller's choice (the official code: `perturbation_layers`)."""
     if probe.answer_start is None:
         raise UserError(f"probing set {probe.name!r} has no answers: its loss cannot be measured")
+    if method not in PERTURBATIONS:
+        raise UserError(f"perturbation {method!r}: expected one of {', '.join(PERTURBATIONS)}")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     model.eval()
     for start, idx, _ in _batches(probe, batch_size, with_answers=True):
         B, T = idx.shape
+        lengths = torch.tensor([len(t) for t in probe.tokens[start:start + B]])
+        real_BT = (torch.arange(T)[None, :] < lengths[:, None]).to(device)
         perm = torch.randperm(B, generator=g).to(device)
         chosen = {l: torch.as_tensor(u, dtype=torch.long, device=device)
                   for l, u in (perturb or {}).items() if len(u)}
 
-        def permute(layer, h_BTU):
+        def perturbed(layer, h_BTU):
             if layer not in chosen:
                 return None
-            h = h_BTU.clone()
-            h[:, :, chosen[layer]] = h_BTU[perm][:, :, chosen[layer]]
-            return h
+            if method == "shuffle":
+                return shuffle_units(h_BTU, chosen[layer], real_BT, scale, g)
+            return permute_units(h_BTU, chosen[layer], perm)
 
         targets = torch.full((B, T), -100, dtype=torch.long)
         for b in range(B):
             toks, a = probe.tokens[start + b], probe.answer_start[start + b]
             targets[b, a - 1:len(toks) - 1] = torch.tensor(toks[a:])
-        with activation_hooks(model, permute) if chosen else contextlib.nullcontext():
+        with activation_hooks(model, perturbed) if chosen else contextlib.nullcontext():
             logits = model(idx.to(device)).logits.float()
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.to(device).view(-1),
                                ignore_index=-100, reduction="sum")
@@ -498,24 +556,48 @@ def expert_predictivity(pred_U: np.ndarray, partition_U: np.ndarray) -> np.ndarr
 
 
 def emergence(preds: list[dict[int, dict[str, np.ndarray]]],
-              partitions: list[dict[int, np.ndarray]]) -> list[dict]:
-    """For each pair of adjacent checkpoints: Spearman of neuron-level predictivity (all layers,
-    neurons and sub-functions), and of expert-level predictivity under two partitions: the final
-    checkpoint's clusters applied to every checkpoint (`expert_final`), and each checkpoint's own
-    clusters, the earlier ones matched to the later ones by assignment (`expert_matched`)."""
+              partitions: list[dict[int, np.ndarray]], random_repeats: int = 20,
+              seed: int = 0) -> list[dict]:
+    """For each pair of adjacent checkpoints, the official stabilisation score: a Spearman
+    correlation per (layer, sub-function) between the two checkpoints' predictivities, averaged
+    over layers for each sub-function (`by_function`) and over sub-functions and layers (the
+    headline numbers). Levels: `neuron`; `expert_final`, experts under the final checkpoint's
+    clusters applied to every checkpoint (the official choice); `expert_matched`, each
+    checkpoint's own clusters, the earlier ones matched to the later ones by assignment;
+    `random`, experts under random partitions of the same sizes (one partition per repeat and
+    layer, shared by all checkpoints, as in the official baseline), averaged over
+    `random_repeats`."""
     final = partitions[-1]
+    rng = np.random.default_rng(seed)
+    randoms = [{l: random_partition(p, rng) for l, p in final.items()} for _ in range(random_repeats)]
+    layers = sorted(preds[0])
+    functions = sorted(preds[0][layers[0]])
+
+    def score(a, b, level, parts_a=None, parts_b=None):
+        per_function = {}
+        for f in functions:
+            per_layer = []
+            for l in layers:
+                x, y = preds[a][l][f], preds[b][l][f]
+                if level != "neuron":
+                    x, y = expert_predictivity(x, parts_a[l]), expert_predictivity(y, parts_b[l])
+                per_layer.append(spearman(x, y))
+            per_function[f] = float(np.mean(per_layer))
+        return per_function
+
     rows = []
-
-    def flat(pred, parts=None):
-        return np.concatenate([pred[l][f] if parts is None else expert_predictivity(pred[l][f], parts[l])
-                               for l in sorted(pred) for f in sorted(pred[l])])
-
     for a in range(len(preds) - 1):
         b = a + 1
         matched = {l: match_partition(partitions[a][l], partitions[b][l]) for l in partitions[a]}
-        rows.append({"neuron": spearman(flat(preds[a]), flat(preds[b])),
-                     "expert_final": spearman(flat(preds[a], final), flat(preds[b], final)),
-                     "expert_matched": spearman(flat(preds[a], matched), flat(preds[b], partitions[b]))})
+        levels = {"neuron": score(a, b, "neuron"),
+                  "expert_final": score(a, b, "expert", final, final),
+                  "expert_matched": score(a, b, "expert", matched, partitions[b])}
+        if random_repeats:
+            draws = [score(a, b, "expert", r, r) for r in randoms]
+            levels["random"] = {f: float(np.mean([d[f] for d in draws])) for f in functions}
+        row = {level: float(np.mean(list(v.values()))) for level, v in levels.items()}
+        row["by_function"] = {f: {level: v[f] for level, v in levels.items()} for f in functions}
+        rows.append(row)
     return rows
 
 
@@ -525,5 +607,6 @@ __all__ = ["ProbingSet", "SUPPORTED_ACTIVATIONS", "ffn_layers", "native_partitio
            "hypergeom_sf", "ExpertTest", "find_functional_experts", "random_partition",
            "modularity_summary",
            "random_baseline", "moefication_partitions", "expert_units", "top_units", "random_units",
+           "PERTURBATIONS", "perturbation_layers", "shuffle_units", "permute_units",
            "function_loss", "rankdata", "spearman", "min_cost_assignment", "match_partition",
            "expert_predictivity", "emergence"]
