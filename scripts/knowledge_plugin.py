@@ -59,6 +59,8 @@ from minillm.train import TrainConfig, Trainer
 
 PROFESSIONS = {"doctor": "hospital", "baker": "bakery", "farmer": "farm", "sailor": "harbour",
                "teacher": "school", "painter": "studio"}
+DUTIES = {"doctor": "treats the sick", "baker": "bakes bread", "farmer": "grows wheat",
+          "sailor": "sails the sea", "teacher": "teaches a class", "painter": "paints a wall"}
 CITIES = {"Lumera": "Astovia", "Pexton": "Astovia", "Varno": "Brelland", "Quillis": "Brelland",
           "Ostra": "Corvana", "Dunmere": "Corvana"}
 ACTS = ["went home", "read a book", "sang a song", "walked to town", "ate some bread",
@@ -87,6 +89,9 @@ class PluginConfig:
     n_embd: int = 64
     n_head: int = 4
     pretrain_steps: int = 800
+    pretrain_dropout: float = field(default=0.1, metadata={
+        "help": "dropout while pretraining (BERT's 0.1: the model the official mapper is tuned "
+                "through had learned to work under dropout)"})
     finetune_steps: int = field(default=150, metadata={
         "help": "most fine-tuning steps; the copy kept is the one best on the validation people"})
     finetune_eval_every: int = 10
@@ -146,9 +151,10 @@ def make_world(cfg: PluginConfig, rng: random.Random) -> World:
 
 
 def pretraining_text(w: World, rng: random.Random) -> list[str]:
-    """Documents of one or two sentences. Known people's facts are stated both alone (so that the
-    name recalls them) and after a sentence that names the profession or city first (so that the
-    model learns to read a description that comes before a name); everyone else is only named."""
+    """One-sentence documents. Known people's facts are stated plainly (so that the name recalls
+    them) and after a description that comes first ("the doctor Tamiku ..."), the role the
+    injected "[E]" takes later; everyone else is only named. General sentences say what each
+    profession does and where it works, and where each city is."""
     docs = []
     known = w.groups["known"] + w.groups["finetune_val"]
     for n in w.names:
@@ -157,12 +163,12 @@ def pretraining_text(w: World, rng: random.Random) -> list[str]:
         if n not in known:
             continue
         p, c = w.profession[n], w.city[n]
-        docs += [f"{n} is a {p}.", f"{n} lives in {c}.", f"{n} is a friend of {w.friends[n][0]}.",
-                 f"the {p} {n} {rng.choice(ACTS)}. {n} is a {p}.",
-                 f"the {c} resident {n} {rng.choice(ACTS)}. {n} lives in {c}.",
-                 f"the {p} {n} works at the {PROFESSIONS[p]}."]
+        docs += [f"{n} is a {p}.", f"{n} lives in {c}.", f"{n} works at the {PROFESSIONS[p]}.",
+                 f"{n} is a friend of {w.friends[n][0]}.", f"the {p} {n} {rng.choice(ACTS)}.",
+                 f"the {p} {n} {DUTIES[p]}.", f"the {p} {n} works at the {PROFESSIONS[p]}.",
+                 f"the {c} resident {n} {rng.choice(ACTS)}."]
     for p, workplace in PROFESSIONS.items():
-        docs += [f"a {p} works at the {workplace}."] * 20
+        docs += [f"a {p} works at the {workplace}.", f"a {p} {DUTIES[p]}."] * 10
     for c, k in CITIES.items():
         docs += [f"{c} is in {k}."] * 10
     rng.shuffle(docs)
@@ -170,13 +176,15 @@ def pretraining_text(w: World, rng: random.Random) -> list[str]:
 
 
 def fact_sentences(w: World, people) -> list[tuple[str, str, str]]:
-    """(text, subject, object) of the map-tuning corpus: graph facts of four relations, the
-    subject at the start, the object (where the loss goes) at the end. No "works at"."""
+    """(text, subject, object) of the map-tuning corpus: graph facts of three relations and what
+    a profession does, the subject at the start, the object (where the loss goes) at the end. No
+    "works at". (Friendships stay in the graph only: a friend's name is arbitrary, and its tokens
+    would outweigh the rest of the loss.)"""
     facts = []
     for n in people:
-        facts += [(f"{n} is a {w.profession[n]}.", n, w.profession[n]),
+        p = w.profession[n]
+        facts += [(f"{n} is a {p}.", n, p), (f"{n} {DUTIES[p]}.", n, DUTIES[p]),
                   (f"{n} lives in {w.city[n]}.", n, w.city[n])]
-        facts += [(f"{n} is a friend of {f}.", n, f) for f in w.friends[n]]
     facts += [(f"{c} is in {k}.", c, k) for c, k in CITIES.items()]
     return facts
 
@@ -253,7 +261,7 @@ def run_seed(cfg: PluginConfig, seed: int, log) -> dict:
     docs = pretraining_text(w, rng)
     tok = train_bpe(docs, cfg.vocab_size)
     model_cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=cfg.n_layer,
-                            n_head=cfg.n_head, n_embd=cfg.n_embd)
+                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.pretrain_dropout)
     base, base_path, hist = train_lm(cfg, seed, out, "pretrain",
                                      [encode_example(tok, "", d) for d in docs],
                                      cfg.pretrain_steps, 3e-3, model_cfg, tok)
@@ -267,7 +275,7 @@ def run_seed(cfg: PluginConfig, seed: int, log) -> dict:
                                loss_spans=[(len(text) - 1 - len(obj), len(text) - 1)])
                 for text, subject, obj in fact_sentences(w, people)]
 
-    map_train = fact_examples(g["map"], True)
+    map_train = fact_examples(g["known"] + g["finetune_val"] + g["map"], True)
     base_digest = weights_digest(base)
     map_runs = {}
     for lr in cfg.map_lrs:
@@ -299,17 +307,20 @@ def run_seed(cfg: PluginConfig, seed: int, log) -> dict:
         return multiple_choice(PluginLM(model, tok, p, linker, vocab, separator=cfg.separator),
                                items)["acc"]
 
-    profession_acc = {k: accuracy(base, p, profession_items(held))
-                      for k, p in (("no plugin", None), ("plugin", plugin),
-                                   ("shuffled entity vectors", shuffled))}
+    def workplace_items(people):
+        choices = [" " + x for x in PROFESSIONS.values()]
+        return [{"context": f"{n} works at the", "choices": choices,
+                 "answer": choices.index(" " + PROFESSIONS[w.profession[n]])} for n in people]
+
+    arms = (("no plugin", None), ("plugin", plugin), ("shuffled entity vectors", shuffled))
+    profession_acc = {k: accuracy(base, p, profession_items(held)) for k, p in arms}
+    workplace_acc = {k: accuracy(base, p, workplace_items(held)) for k, p in arms}
     base_same = weights_digest(base) == base_digest
     log(f"map-tuning done, lr {map_lr:g} chosen ({time.perf_counter() - t0:.0f} s)")
 
     # --- downstream: a fully fine-tuned copy, "NAME works at the" -> workplace ---
     def item(n):
-        choices = [" " + x for x in PROFESSIONS.values()]
-        return {"context": f"{n} works at the", "choices": choices,
-                "answer": choices.index(" " + PROFESSIONS[w.profession[n]])}
+        return workplace_items([n])[0]
 
     def task_score(p, people):
         def score(model):
@@ -365,7 +376,8 @@ def run_seed(cfg: PluginConfig, seed: int, log) -> dict:
     tuned_same = weights_digest(tuned) == tuned_digest
     elapsed = time.perf_counter() - t0
     log(f"seed {seed} done ({elapsed:.0f} s)")
-    return {"facts": facts, "profession_acc": profession_acc, "task": task, "base_same": base_same,
+    return {"facts": facts, "profession_acc": profession_acc, "workplace_acc": workplace_acc,
+            "task": task, "base_same": base_same,
             "tuned_same": tuned_same, "link_prediction": lp, "seconds": elapsed,
             "chosen": {"map_lr": map_lr, "finetune_lr": ft_lr, "finetune_step": ft_step,
                        "task_lr": task_lr}, "held_out": len(held), "people": len(w.names)}
@@ -388,6 +400,9 @@ def report(cfg: PluginConfig, runs: dict) -> str:
     lines.append(f"'NAME is a' -> profession accuracy, frozen base model, held-out{head}")
     lines += [row(k, [runs[s]["profession_acc"][k] for s in seeds], ".3f")
               for k in first["profession_acc"]]
+    lines.append(f"'NAME works at the' accuracy, frozen base model (before fine-tuning), held-out{head}")
+    lines += [row(k, [runs[s]["workplace_acc"][k] for s in seeds], ".3f")
+              for k in first["workplace_acc"]]
     lines.append(f"'NAME works at the' accuracy, fine-tuned copy, held-out people{head}")
     lines += [row(k, [runs[s]["task"][k][0] for s in seeds], ".3f") for k in first["task"]]
     lines.append(f"same, fine-tuning people{head}")
