@@ -10,7 +10,6 @@ the paper's LM-driven one.
     python scripts/query_of_cc.py [--out out/query_of_cc] [--rounds 3] [--k 10] [--corpus stdlib]
 """
 
-import argparse
 import json
 import time
 from dataclasses import fields
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minillm.cli import ArgumentParser
 from minillm.bm25 import BM25Index
 from minillm.errors import UserError, run_main
 from minillm.methods.query_of_cc import (Config, LMExpander, PRFExpander, bootstrap, kjv_verses,
@@ -85,7 +85,7 @@ def evaluate(index, labels, seeds, result, config, rng):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/query_of_cc")
     p.add_argument("--corpus", choices=["stdlib", "kjv"], default="stdlib")
     p.add_argument("--max-docs", type=int, default=None, help="first N documents only (tiny runs)")
