@@ -94,10 +94,10 @@ class PluginConfig:
                 "through had learned to work under dropout)"})
     finetune_steps: int = field(default=150, metadata={
         "help": "most fine-tuning steps; the copy kept is the one best on the validation people"})
-    finetune_eval_every: int = 10
+    finetune_eval_every: int = 5
     finetune_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
-    map_steps: int = 300
-    map_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    map_steps: int = 600
+    map_lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-2, 3e-2])
     map_dropout: float = field(default=0.25, metadata={
         "help": "dropout of the frozen base model during map-tuning (official general mapper: 0.25)"})
     task_map_steps: int = 150
@@ -105,6 +105,9 @@ class PluginConfig:
     task_dropout: float = field(default=0.1, metadata={
         "help": "dropout of the frozen fine-tuned copy while the task-specific mapper trains (the "
                 "official code runs it in training mode; BERT's dropout is 0.1)"})
+    task_template: str = field(default="where does {name} work? at the", metadata={
+        "help": "the downstream question; the answer is the workplace. Its wording is not in the "
+                "pretraining text, so fine-tuning has a format to teach"})
     batch_size: int = 32
     separator: str = field(default="", metadata={
         "help": "text between the pseudo-token and the mention (the paper: ' /')"})
@@ -213,13 +216,15 @@ class KeepBest:
 
 
 def train_lm(cfg: PluginConfig, seed: int, out: Path, name: str, encoded, steps: int, lr: float,
-             model_config: ModelConfig | None, tok, init_from: str | None = None,
-             attend_across: bool = True, callbacks=()):
+             model_config: ModelConfig | None, tok, init_from: str | None = None, callbacks=()):
+    # Each document attends to itself only. Over windows packed once with plain causal attention
+    # the tiny model learned which sentence follows which (loss 0.08) rather than what a sentence
+    # says about its name: it then recalled a known person's profession no better than the prior.
     encoded = list(encoded)
-    windows = len(pack(encoded, 64, tok.eot_id, attend_across).inputs)
+    windows = len(pack(encoded, 64, tok.eot_id, attend_across=False).inputs)
     batch_size = min(cfg.batch_size, windows)  # a small task packs into few windows
     loader = PackedLoader(encoded, block_size=64, batch_size=batch_size, pad_id=tok.eot_id,
-                          seed=seed, attend_across=attend_across)
+                          seed=seed, attend_across=False)
     tcfg = TrainConfig(out_dir=str(out / name), max_steps=steps, lr=lr, warmup_steps=min(20, steps),
                        batch_size=batch_size, block_size=64, eval_interval=0, ckpt_interval=steps,
                        log_interval=max(steps // 4, 1), overwrite=True, progress=False,
@@ -270,8 +275,10 @@ def run_seed(cfg: PluginConfig, seed: int, log) -> dict:
 
     # --- general map-tuning on the frozen base model ---
     def fact_examples(people, inject):
+        # bos=False: documents start at position 0 without a separator in pretraining, and
+        # PluginLM's contexts do too
         return [build_sequence(tok, text, [Link(0, len(subject), subject)], vocab, inject=inject,
-                               separator=cfg.separator,
+                               separator=cfg.separator, bos=False,
                                loss_spans=[(len(text) - 1 - len(obj), len(text) - 1)])
                 for text, subject, obj in fact_sentences(w, people)]
 
@@ -309,7 +316,7 @@ def run_seed(cfg: PluginConfig, seed: int, log) -> dict:
 
     def workplace_items(people):
         choices = [" " + x for x in PROFESSIONS.values()]
-        return [{"context": f"{n} works at the", "choices": choices,
+        return [{"context": cfg.task_template.format(name=n), "choices": choices,
                  "answer": choices.index(" " + PROFESSIONS[w.profession[n]])} for n in people]
 
     arms = (("no plugin", None), ("plugin", plugin), ("shuffled entity vectors", shuffled))
@@ -318,7 +325,7 @@ def run_seed(cfg: PluginConfig, seed: int, log) -> dict:
     base_same = weights_digest(base) == base_digest
     log(f"map-tuning done, lr {map_lr:g} chosen ({time.perf_counter() - t0:.0f} s)")
 
-    # --- downstream: a fully fine-tuned copy, "NAME works at the" -> workplace ---
+    # --- downstream: a fully fine-tuned copy, "where does NAME work? at the" -> workplace ---
     def item(n):
         return workplace_items([n])[0]
 
@@ -336,8 +343,9 @@ def run_seed(cfg: PluginConfig, seed: int, log) -> dict:
     ft_runs = {}
     for lr in cfg.finetune_lrs:
         keeper = KeepBest(cfg.finetune_eval_every, task_score(None, g["finetune_val"]))
+        keeper.consider(base, 0)  # no fine-tuning at all is a candidate too
         tuned, _, _ = train_lm(cfg, seed, out, "finetune", task_train, cfg.finetune_steps, lr, None,
-                               tok, init_from=str(base_path), attend_across=False, callbacks=[keeper])
+                               tok, init_from=str(base_path), callbacks=[keeper])
         tuned.load_state_dict(keeper.state)
         ft_runs[lr] = (keeper.best, tuned, keeper)
         log(f"fine-tuning lr {lr:g}: validation accuracy / answer loss by step "
@@ -400,10 +408,11 @@ def report(cfg: PluginConfig, runs: dict) -> str:
     lines.append(f"'NAME is a' -> profession accuracy, frozen base model, held-out{head}")
     lines += [row(k, [runs[s]["profession_acc"][k] for s in seeds], ".3f")
               for k in first["profession_acc"]]
-    lines.append(f"'NAME works at the' accuracy, frozen base model (before fine-tuning), held-out{head}")
+    task_text = cfg.task_template.format(name="NAME")
+    lines.append(f"'{task_text}' accuracy, frozen base model (before fine-tuning), held-out{head}")
     lines += [row(k, [runs[s]["workplace_acc"][k] for s in seeds], ".3f")
               for k in first["workplace_acc"]]
-    lines.append(f"'NAME works at the' accuracy, fine-tuned copy, held-out people{head}")
+    lines.append(f"'{task_text}' accuracy, fine-tuned copy, held-out people{head}")
     lines += [row(k, [runs[s]["task"][k][0] for s in seeds], ".3f") for k in first["task"]]
     lines.append(f"same, fine-tuning people{head}")
     lines += [row(k, [runs[s]["task"][k][1] for s in seeds], ".3f") for k in first["task"]]
@@ -431,6 +440,8 @@ def main(cfg: PluginConfig) -> dict:
     for name in ("finetune_lrs", "map_lrs", "task_lrs"):
         if not getattr(cfg, name) or any(not lr > 0 for lr in getattr(cfg, name)):
             raise UserError(f"--{name.replace('_', '-')} must be one or more positive numbers")
+    if "{name}" not in cfg.task_template:
+        raise UserError(f"--task-template must hold {{name}}, got {cfg.task_template!r}")
     if cfg.threads < 1:
         raise UserError(f"--threads must be at least 1, got {cfg.threads}")
     torch.set_num_threads(cfg.threads)
