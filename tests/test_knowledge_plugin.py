@@ -338,19 +338,22 @@ def test_map_tuning_corpus_states_facts_and_never_the_task_wording():
     cfg = script.PluginConfig(people=40)
     world = script.make_world(cfg, random.Random(0))
     groups = world.groups
-    assert sorted(n for g in groups.values() for n in g) == sorted(world.names)  # a partition of the people
+    assert sorted(n for g in groups.values() for n in g) == sorted(world.names)  # a partition
     facts = script.fact_sentences(world, groups["map"])
     relations = {text.split(" ", 1)[1].rsplit(" ", 1)[0] for text, _, _ in facts}
-    assert {"is a", "lives in", "is a friend of", "is in"} <= relations
-    assert not any("works at" in text for text, _, _ in facts)
-    for text, subject, obj in facts:  # the object is a graph fact about the subject
+    assert {"is a", "lives in", "is in"} <= relations
+    assert not any("work" in text for text, _, _ in facts)  # neither the task's nor pretraining's
+    triples = {(h, t) for h, _, t in world.triples}
+    for text, subject, obj in facts:  # the object is what the graph says about the subject
         assert text.startswith(subject) and text.endswith(f" {obj}.")
-        assert any(h == subject and t == obj for h, _, t in world.triples)
-    # the pretraining text never states what a map-tuning or held-out person is
+        assert (subject, obj) in triples or obj == script.DUTIES[world.profession[subject]]
+    # the pretraining text never states what a map-tuning, plugin-validation or held-out person is
     docs = script.pretraining_text(world, random.Random(0))
     for n in groups["map"] + groups["held_out"] + groups["plugin_val"]:
-        assert not any(f"{n} is a" in d or f"{n} lives in" in d or f" {n} works" in d
-                       for d in docs)
+        for d in docs:
+            if n in d.rstrip(".").split(" "):
+                assert (d in {f"{n} {act}." for act in script.ACTS} or d.startswith(f"{n} met ")
+                        or d.endswith(f" met {n}.")), d
 
 
 def test_script_runs_at_a_tiny_size(tmp_path):
@@ -365,7 +368,7 @@ def test_script_runs_at_a_tiny_size(tmp_path):
     assert set(run["facts"]) == {"no plugin", "plugin", "shuffled entity vectors"}
     assert all(math.isfinite(v) and v > 0 for v in run["facts"].values())
     assert all(0 <= a <= 1 and 0 <= b <= 1 for a, b in run["task"].values())
-    assert run["chosen"]["map_lr"] in (1e-3, 1e-2) and run["chosen"]["finetune_step"] in (5, 10)
+    assert run["chosen"]["map_lr"] in (1e-3, 1e-2) and run["chosen"]["finetune_step"] in (0, 5, 10)
     table = (tmp_path / "table.txt").read_text()
     assert "chosen on validation" in table and "bit-identical" in table
     assert read_triples(tmp_path / "seed0" / "kg.tsv")  # the graph it learned from is a valid file
@@ -374,6 +377,6 @@ def test_script_runs_at_a_tiny_size(tmp_path):
 def test_script_user_errors_are_one_line(tmp_path):
     script = _script()
     for bad in ({"held_out": 1.5}, {"map_lrs": [-1.0]}, {"map_dropout": 1.0}, {"people": 5},
-                {"held_out": 0.5, "map_people": 0.4}):
+                {"held_out": 0.5, "map_people": 0.4}, {"task_template": "where does it work?"}):
         with pytest.raises(UserError):
             script.main(script.PluginConfig(out_dir=str(tmp_path), **bad))
