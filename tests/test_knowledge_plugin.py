@@ -347,13 +347,13 @@ def test_map_tuning_corpus_states_facts_and_never_the_task_wording():
     for text, subject, obj in facts:  # the object is what the graph says about the subject
         assert text.startswith(subject) and text.endswith(f" {obj}.")
         assert (subject, obj) in triples or obj == script.DUTIES[world.profession[subject]]
-    # the pretraining text never states what a map-tuning, plugin-validation or held-out person is
+    # the pretraining text only names map-tuning, plugin-validation and held-out people
     docs = script.pretraining_text(world, random.Random(0))
     for n in groups["map"] + groups["held_out"] + groups["plugin_val"]:
         for d in docs:
             if n in d.rstrip(".").split(" "):
                 assert (d in {f"{n} {act}." for act in script.ACTS} or d.startswith(f"{n} met ")
-                        or d.endswith(f" met {n}.")), d
+                        or d.endswith((f" met {n}.", f" is a friend of {n}."))), d
 
 
 def test_script_runs_at_a_tiny_size(tmp_path):
