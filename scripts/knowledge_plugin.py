@@ -1,36 +1,38 @@
 """Knowledge plugin (map-tuning) at small scale, on a synthetic knowledge graph.
 
-    python scripts/knowledge_plugin.py                  # the default run (DESIGN.md: figures, time)
+    python scripts/knowledge_plugin.py                  # the default run, 3 seeds (DESIGN.md)
     python scripts/knowledge_plugin.py --seeds 0        # one seed
-    python scripts/knowledge_plugin.py --people 24 --pretrain-steps 10 ...   # tiny (the test)
+    python scripts/knowledge_plugin.py --people 40 --pretrain-steps 10 ...   # tiny (the test)
 
 The world: people with a profession and a city, professions with a workplace, cities in countries,
 friendships. All of it is in the triple file (`OUT_DIR/seed<S>/kg.tsv`) that TransE learns. The
-people fall into four groups:
+people fall into two kinds:
 
-- known people: the pretraining text states their professions and cities ("Tamiku is a doctor.",
-  "the doctor Tamiku read a book. Tamiku is a doctor.", "the doctor Tamiku works at the hospital.",
-  "Tamiku lives in Lumera.", ...); the downstream task is fine-tuned on most of them and its
-  length chosen on the rest (the validation people);
+- known people: the pretraining text states their facts, plainly ("Tamiku is a doctor.",
+  "Tamiku works at the hospital.", "Tamiku lives in Lumera.") and after a description that comes
+  first ("the doctor Tamiku treats the sick.", "the doctor Tamiku works at the hospital."); the
+  downstream task is fine-tuned on most of them and its length chosen on the rest (the
+  fine-tuning validation people);
 - map-tuning people, plugin-validation people and held-out people: the pretraining text only names
   them ("Tamiku went home.", "Tamiku met Bosale."): what they are is in the graph alone.
 
-Map-tuning is the general plug-and-play stage: a corpus about the map-tuning people in which the
-text after a mention states graph facts of four relations ("[E] Tamiku is a doctor.",
-"[E] Tamiku lives in Lumera.", "[E] Tamiku is a friend of Bosale.", "[E] Lumera is in Astovia."),
-with the loss on the fact (the object), where the entity matters. The downstream relation's
-wording ("works at") never appears in it. The frozen base model runs with dropout 0.25, as the
-official general mapper.
+Map-tuning (the general mapper of plug-and-play) reads a corpus about the known and map-tuning
+people in which the text after a mention states graph facts: profession, what the profession does,
+city, a city's country ("[E] Tamiku is a doctor.", "[E] Tamiku treats the sick.", "[E] Tamiku lives
+in Lumera.", "[E] Lumera is in Astovia."), with the loss on the fact, where the entity matters. No
+sentence of it says where anyone works. The frozen base model runs with dropout 0.25, as the
+official general mapper (it was pretrained with dropout 0.1, as BERT).
 
-Downstream: a fully fine-tuned copy answers "NAME works at the" -> workplace (6 choices), with the
-number of steps chosen by accuracy on the validation people. On held-out people (whose profession,
-hence workplace, only the graph holds) it is scored with no plugin, with the plug-and-play mapper
-(map-tuned once on the base model, plugged in unchanged) and with a task-specific mapper (started
-from the general one, as the official code does, and tuned on the task loss of the frozen
-fine-tuned copy). Each learning rate in a list is tried and the one best on validation kept: the
-mapper's on the map-tuning loss of the plugin-validation people, the fine-tuning's on the
-validation people's accuracy, the task-specific mapper's on the plugin-validation people's
-accuracy. The held-out people choose nothing.
+Downstream: a fully fine-tuned copy answers "where does NAME work? at the" -> workplace (6
+choices), a question form the pretraining text never uses; the number of fine-tuning steps (0
+included) is the first best on the validation people's accuracy. On held-out people (whose
+workplace only the graph holds, through their profession) it is scored with no plugin, with the
+plug-and-play mapper (map-tuned once on the base model, plugged in unchanged) and with a
+task-specific mapper (started from the general one, as the official code does, and tuned on the
+task loss of the frozen fine-tuned copy). Each learning rate in a list is tried and the one best on
+validation kept: the mapper's on the map-tuning loss of the plugin-validation people, the
+fine-tuning's on the validation people's accuracy, the task-specific mapper's on the
+plugin-validation people's accuracy. The held-out people choose nothing.
 """
 
 import copy
