@@ -132,9 +132,15 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
 
 @torch.no_grad()
 def continuation_logprobs(model: GPT, contexts: Sequence[Sequence[int]],
-                          continuations: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+                          continuations: Sequence[Sequence[int]],
+                          embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+                          ) -> list[torch.Tensor]:
     """Log-probability of every token of each continuation given its context (one tensor each),
-    from one right-padded forward pass over context + continuation."""
+    from one right-padded forward pass over context + continuation.
+
+    `embed`, when given, turns the padded ids (B, T) into the input embeddings (B, T, d) that go
+    in through `inputs_embeds` (e.g. the token embeddings with some rows replaced by injected
+    vectors, as the knowledge plugin does); right padding keeps every row's positions 0..len-1."""
     device = model.wte.weight.device
     seqs = [list(c) + list(x) for c, x in zip(contexts, continuations)]
     for c, x in zip(contexts, continuations):
@@ -146,7 +152,8 @@ def continuation_logprobs(model: GPT, contexts: Sequence[Sequence[int]],
         ids_BT[b, :len(s)] = torch.as_tensor(s)
     was_training = model.training
     model.eval()
-    logp_BTV = F.log_softmax(model(ids_BT).logits.float(), dim=-1)  # right padding: causal suffices
+    logits_BTV = model(ids_BT).logits if embed is None else model(inputs_embeds=embed(ids_BT)).logits
+    logp_BTV = F.log_softmax(logits_BTV.float(), dim=-1)  # right padding: causal suffices
     model.train(was_training)
     out = []
     for b, (c, x) in enumerate(zip(contexts, continuations)):

@@ -85,6 +85,33 @@ def test_scores_equal_full_sequence_logits():
         torch.testing.assert_close(lp, expected, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_scores_through_an_embedding_function_equal_the_id_path(name):
+    model = make(name)
+    contexts, conts = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]]
+    plain = continuation_logprobs(model, contexts, conts)
+    # the model's own lookup as the embedding function: the same numbers, bit for bit
+    for a, b in zip(plain, continuation_logprobs(model, contexts, conts, embed=model.wte)):
+        assert torch.equal(a, b)
+    # one row's embedding at position 1 replaced: row 0 scores as the unpadded sequence with that
+    # embedding, row 1 (whose context is the single token at 0) is untouched
+    vector_d = torch.randn(model.config.n_embd)
+
+    def embed(ids_BT):
+        x_BTd = model.wte(ids_BT).clone()
+        x_BTd[0, 1] = vector_d
+        return x_BTd
+
+    got = continuation_logprobs(model, contexts, conts, embed=embed)
+    x_1Td = model.wte(torch.tensor([contexts[0] + conts[0]])).clone()
+    x_1Td[0, 1] = vector_d
+    logp = model(inputs_embeds=x_1Td).logits.log_softmax(-1)[0]
+    expected = torch.stack([logp[len(contexts[0]) - 1 + i, t] for i, t in enumerate(conts[0])])
+    torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[0], plain[0])
+    torch.testing.assert_close(got[1], plain[1], atol=1e-6, rtol=1e-6)
+
 def test_local_lm_generates_text_and_cuts_at_stop_strings():
     tok = train_bpe(["the cat sat on the mat. the dog sat on the log."] * 5, vocab_size=300)
     model = make("gpt", vocab_size=tok.vocab_size)

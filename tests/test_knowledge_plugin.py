@@ -1,19 +1,22 @@
 import importlib.util
 import math
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from minillm.errors import UserError
 from minillm.generate import continuation_logprobs, generate_ids
 from minillm.methods.knowledge_plugin import (KGVocab, KnowledgeEmbeddings, KnowledgePlugin, Link,
                                               MapperConfig, NameLinker, PluginLM, SpanError,
                                               TransEConfig, TripleFileError, UnknownEntityError,
-                                              build_sequence, corrupt, evaluate_loss, link_prediction,
-                                              load_knowledge, plugin_continuation_logprobs,
-                                              plugin_generate_ids, read_triples, save_knowledge,
-                                              span_to_tokens, token_byte_spans, train_transe, tune_mapper,
-                                              weights_digest)
+                                              build_sequence, corrupt, evaluate_loss, frozen,
+                                              link_prediction, load_knowledge,
+                                              plugin_continuation_logprobs, plugin_generate_ids,
+                                              read_triples, save_knowledge, sequence_loss,
+                                              span_to_tokens, token_byte_spans, train_transe,
+                                              tune_mapper, weights_digest)
 from minillm.model import IGNORE_INDEX, GPT, ModelConfig
 from minillm.tokenizer import train_bpe
 
@@ -182,6 +185,24 @@ def test_build_sequence_inserts_pseudo_token_before_the_mention(tok):
     assert plain.slots == [] and tok.decode(plain.ids[1:]) == text
 
 
+def test_loss_spans_put_the_targets_on_the_fact_after_the_injection(tok):
+    vocab = KGVocab.from_triples([("Tamiku", "in", "Paris")])
+    text = "Tamiku went home. The city of Paris, café."
+    s = text.index("Paris")
+    for bos in (True, False):
+        seq = build_sequence(tok, text, [Link(0, 6, "Tamiku")], vocab, separator=" /", bos=bos,
+                             loss_spans=[(s, s + 5)])
+        (slot, _), = seq.slots
+        assert slot == int(bos)
+        predicted = [seq.ids[p + 1] for p, t in enumerate(seq.targets) if t != IGNORE_INDEX]
+        assert tok.decode(predicted) == " Paris"  # the tokens of the span, wherever they moved
+        assert [t for t in seq.targets if t != IGNORE_INDEX] == predicted
+    # two spans, one before the injected mention: each keeps its own tokens
+    s2 = text.index("city")
+    seq = build_sequence(tok, text, [Link(s, s + 5, "Paris")], vocab, loss_spans=[(0, 6), (s2, s2 + 4)])
+    assert tok.decode([t for t in seq.targets if t != IGNORE_INDEX]) == "Tamiku city"
+
+
 def test_name_linker_links_whole_words_only():
     linker = NameLinker(["Tam", "Tamiku"])
     links = linker("Tamiku met Tam and Tamikus.")
@@ -220,6 +241,26 @@ def test_map_tuning_trains_only_the_mapper(tok, setup):
     assert not torch.equal(plugin.mapper.proj.weight, before_mapper["proj.weight"])
     assert evaluate_loss(model, plugin, seqs) < start - 0.3
     assert history[-1] < history[0]
+
+
+def test_map_tuning_dropout_is_live_during_tuning_and_restored_after(tok, setup):
+    model, vocab, knowledge = setup
+    seqs = [build_sequence(tok, "Paris is in France.", [Link(0, 5, "Paris")], vocab)]
+    plugin = KnowledgePlugin(knowledge, 32)
+    model.eval()
+    digest = weights_digest(model)
+    with frozen(model, 0.25):
+        assert model.training and model.config.dropout == 0.25
+        assert all(m.p == 0.25 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+        with torch.no_grad():
+            a, b = (sequence_loss(model, plugin, seqs).item() for _ in range(2))
+        assert a != b  # dropout draws new masks
+    assert not model.training and model.config.dropout == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    with frozen(model, 0.0):  # no dropout: eval mode, deterministic
+        assert not model.training
+    tune_mapper(model, plugin, seqs, MapperConfig(steps=3, batch_size=1, dropout=0.25))
+    assert weights_digest(model) == digest and model.config.dropout == 0.0 and not model.training
 
 
 def test_injection_changes_only_positions_from_the_slot_on(tok, setup):
@@ -272,19 +313,70 @@ def test_plugin_lm_generation_continues_the_injected_prompt(tok, setup):
 
 # --- the evidence script at a tiny size -------------------------------------------------------------
 
-def test_script_runs_at_a_tiny_size(tmp_path):
+def _script():
     spec = importlib.util.spec_from_file_location("kp_script", ROOT / "scripts/knowledge_plugin.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    cfg = script.PluginConfig(out_dir=str(tmp_path), people=24, transe_epochs=5, pretrain_steps=10,
-                              finetune_steps=5, map_steps=5, task_map_steps=5, batch_size=8,
-                              n_embd=32, n_layer=1, vocab_size=300,
-                              threads=torch.get_num_threads())  # leave the session's setting alone
-    result = script.main(cfg)
-    assert result["base_same"] and result["tuned_same"]
-    assert set(result["mlm"]) == {"no plugin", "plugin", "shuffled entity vectors"}
-    assert all(math.isfinite(v) and v > 0 for v in result["mlm"].values())
-    assert all(0 <= a <= 1 and 0 <= b <= 1 for a, b in result["task"].values())
+    return script
+
+
+def test_fine_tuning_keeps_the_first_best_validation_step():
+    script = _script()
+    model = torch.nn.Linear(1, 1)
+    accuracies = iter([0.5, 0.8, 0.8, 0.6])
+    keeper = script.KeepBest(1, lambda m: (next(accuracies), 1.0))
+    for step in range(1, 5):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        keeper.consider(model, step)
+    assert keeper.best_step == 2 and keeper.best[0] == 0.8
+    assert float(keeper.state["weight"]) == 2.0  # the weights of that step, not the last ones
+
+
+def test_map_tuning_corpus_states_facts_and_never_the_task_wording():
+    script = _script()
+    cfg = script.PluginConfig(people=40)
+    world = script.make_world(cfg, random.Random(0))
+    groups = world.groups
+    assert sorted(n for g in groups.values() for n in g) == sorted(world.names)  # a partition
+    facts = script.fact_sentences(world, groups["map"])
+    relations = {text.split(" ", 1)[1].rsplit(" ", 1)[0] for text, _, _ in facts}
+    assert {"is a", "lives in", "is in"} <= relations
+    assert not any("work" in text for text, _, _ in facts)  # neither the task's nor pretraining's
+    triples = {(h, t) for h, _, t in world.triples}
+    for text, subject, obj in facts:  # the object is what the graph says about the subject
+        assert text.startswith(subject) and text.endswith(f" {obj}.")
+        assert (subject, obj) in triples or obj == script.DUTIES[world.profession[subject]]
+    # the pretraining text only names map-tuning, plugin-validation and held-out people
+    docs = script.pretraining_text(world, random.Random(0))
+    for n in groups["map"] + groups["held_out"] + groups["plugin_val"]:
+        for d in docs:
+            if n in d.rstrip(".").split(" "):
+                assert (d in {f"{n} {act}." for act in script.ACTS} or d.startswith(f"{n} met ")
+                        or d.endswith((f" met {n}.", f" is a friend of {n}."))), d
+
+
+def test_script_runs_at_a_tiny_size(tmp_path):
+    script = _script()
+    cfg = script.PluginConfig(out_dir=str(tmp_path), seeds=[0], people=40, transe_epochs=5,
+                              pretrain_steps=10, finetune_steps=10, finetune_eval_every=5,
+                              map_steps=5, task_map_steps=5, batch_size=8, n_embd=32, n_layer=1,
+                              vocab_size=300, map_lrs=[1e-3, 1e-2], finetune_lrs=[1e-3],
+                              task_lrs=[1e-3], threads=torch.get_num_threads())
+    run = script.main(cfg)[0]
+    assert run["base_same"] and run["tuned_same"]
+    assert set(run["facts"]) == {"no plugin", "plugin", "shuffled entity vectors"}
+    assert all(math.isfinite(v) and v > 0 for v in run["facts"].values())
+    assert all(0 <= a <= 1 and 0 <= b <= 1 for a, b in run["task"].values())
+    assert run["chosen"]["map_lr"] in (1e-3, 1e-2) and run["chosen"]["finetune_step"] in (0, 5, 10)
     table = (tmp_path / "table.txt").read_text()
-    assert "plug-and-play keeps" in table and "bit-identical" in table
-    assert read_triples(tmp_path / "kg.tsv")  # the graph it learned from is a valid triple file
+    assert "chosen on validation" in table and "bit-identical" in table
+    assert read_triples(tmp_path / "seed0" / "kg.tsv")  # the graph it learned from is a valid file
+
+
+def test_script_user_errors_are_one_line(tmp_path):
+    script = _script()
+    for bad in ({"held_out": 1.5}, {"map_lrs": [-1.0]}, {"map_dropout": 1.0}, {"people": 5},
+                {"held_out": 0.5, "map_people": 0.4}, {"task_template": "where does it work?"}):
+        with pytest.raises(UserError):
+            script.main(script.PluginConfig(out_dir=str(tmp_path), **bad))

@@ -15,27 +15,31 @@ Knowledge is injected into a *frozen* language model through its input embedding
 3. **Injection.** Before each linked mention a pseudo-token is inserted whose input embedding is the
    mapped knowledge vector, followed by `separator` (" /"): "[E] / mention", as in the paper. The
    sequence goes through `GPT.forward(inputs_embeds=...)`; the model is never changed.
-4. **Map-tuning.** Mention-masked language modelling with the model frozen; only the mapper
-   trains. Causal adaptation of the paper's MLM objective: a causal model never sees a token
-   when predicting it, so "masking" the mention is the loss itself: the targets are the mention's
-   tokens only (every other target is -100), each predicted from the left context, the injected
-   "[E] /" and the mention tokens before it (teacher forcing). The right context, which BERT's
-   MLM also uses, is not available to a causal model.
+4. **Map-tuning.** Only the mapper trains; the model is frozen but runs with dropout (0.25, as
+   the official general mapper). The paper's objective is mention-masked language modelling: mask
+   a linked mention and predict it from "[E] /" and the sentence around it, on a general corpus
+   (Wikipedia sentences whose text relates the mentioned entities). A causal model never sees a
+   token when predicting it, so here "masking" is the loss itself: `build_sequence` puts the
+   targets on chosen character spans (`loss_spans`; by default the mentions), every other target
+   is -100, each predicted from the left context and the injected vectors (teacher forcing). The
+   right context, which BERT also uses, is not available to a causal model.
 5. **Plug-and-play.** A mapper tuned once on the base model plugs into a fine-tuned copy of it
-   without retraining; the task-specific variant tunes only a mapper on the task loss of the
-   frozen fine-tuned model (`tune_mapper` with task examples).
+   without retraining; the task-specific variant starts from it (as the official code does) and
+   tunes only the mapper on the task loss of the frozen fine-tuned model (`tune_mapper` with task
+   examples).
 
 Entity links are character spans of the text. Span -> token rule (byte-level BPE attaches the
 leading space to a word): whitespace at either end of the span is dropped; the span becomes the
 tokens whose bytes overlap it; the extra bytes this widening pulls in must be whitespace, else the
 span cuts a token in the middle of a word and `SpanError` says which token.
 
-Scoring and generation with injected embeddings: `plugin_continuation_logprobs`,
+Scoring and generation with injected embeddings: `plugin_continuation_logprobs` (the shared
+`generate.continuation_logprobs` with the injected vectors as its input embeddings),
 `plugin_generate_ids`, and `PluginLM`, a `minillm.generate.LanguageModel` whose text inputs are
 linked by a `NameLinker`, so `minillm.evaluate.multiple_choice` / `exact_match` run with the plugin.
 
 Knobs (defaults): TransEConfig(dim=32, margin=1.0, p_norm=1, lr=0.01, epochs=100, batch_size=128),
-separator " /", MapperConfig(steps=300, batch_size=32, lr=3e-3).
+separator " /", MapperConfig(steps=300, batch_size=32, lr=3e-3, dropout=0.25).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +56,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ..model import GPT, IGNORE_INDEX
 from ..checkpoint import load_torch_file
+from ..errors import UserError
+from ..generate import continuation_logprobs
+from ..model import GPT, IGNORE_INDEX
 from ..tokenizer import Tokenizer
 
 FILE_FORMAT = "minillm.knowledge"
@@ -315,10 +321,12 @@ class PluginSequence:
 
 
 def build_sequence(tokenizer: Tokenizer, text: str, links: Sequence[Link], vocab: KGVocab,
-                   inject: bool = True, separator: str = " /", bos: bool = True) -> PluginSequence:
+                   inject: bool = True, separator: str = " /", bos: bool = True,
+                   loss_spans: Sequence[tuple[int, int]] | None = None) -> PluginSequence:
     """Tokenize `text` and, when `inject`, insert "[E]" + `separator` before every linked mention.
     `bos` starts the sequence with <|endoftext|> (as documents start in training data), so a
-    mention at the very start has a left context. Targets are the mention tokens (map-tuning)."""
+    mention at the very start has a left context. Targets: the tokens of `loss_spans` (character
+    spans, mapped to tokens like links), by default the mentions' own (masked-mention LM)."""
     text_ids = tokenizer.encode_ordinary(text)
     spans = token_byte_spans(tokenizer, text_ids)
     ranges = sorted((*span_to_tokens(text, spans, l.start, l.end), vocab.entity_id(l.entity))
@@ -327,42 +335,49 @@ def build_sequence(tokenizer: Tokenizer, text: str, links: Sequence[Link], vocab
         if b_start < a_end:
             raise SpanError(f"two entity links in {text!r} share a token")
     sep_ids = tokenizer.encode_ordinary(separator) if separator else []
-    placeholder = tokenizer.eot_id
-    ids = [tokenizer.eot_id] if bos else []
-    seq = PluginSequence(ids)
+    seq = PluginSequence([tokenizer.eot_id] if bos else [])
+    where = []  # where[i]: position of text token i in seq.ids
+
+    def copy_text(first: int, last: int) -> None:
+        where.extend(range(len(seq.ids), len(seq.ids) + last - first))
+        seq.ids.extend(text_ids[first:last])
+
     cursor = 0
     for first, last, entity in ranges:
-        ids.extend(text_ids[cursor:first])
+        copy_text(cursor, first)
         if inject:
-            seq.slots.append((len(ids), entity))
-            ids.append(placeholder)
-            ids.extend(sep_ids)
-        seq.mentions.append((len(ids), len(ids) + last - first))
-        ids.extend(text_ids[first:last])
+            seq.slots.append((len(seq.ids), entity))
+            seq.ids.append(tokenizer.eot_id)  # a placeholder: its embedding is replaced
+            seq.ids.extend(sep_ids)
+        seq.mentions.append((len(seq.ids), len(seq.ids) + last - first))
+        copy_text(first, last)
         cursor = last
-    ids.extend(text_ids[cursor:])
-    seq.targets = mention_targets(seq)
+    copy_text(cursor, len(text_ids))
+    if loss_spans is None:
+        seq.targets = range_targets(seq.ids, seq.mentions)
+    else:
+        token_ranges = [span_to_tokens(text, spans, a, b) for a, b in loss_spans]
+        seq.targets = range_targets(seq.ids, [(where[f], where[l - 1] + 1) for f, l in token_ranges])
     return seq
 
 
-def mention_targets(seq: PluginSequence) -> list[int]:
-    """Targets for masked-mention LM: the token at position p (inside a mention) is the target of
-    position p - 1; all other targets are -100."""
-    targets = [IGNORE_INDEX] * len(seq.ids)
-    for first, last in seq.mentions:
+def range_targets(ids: Sequence[int], ranges: Sequence[tuple[int, int]]) -> list[int]:
+    """Targets that put the loss on the token ranges [first, last) of `ids` only: the token at
+    position p (inside a range) is the target of position p - 1; all other targets are -100."""
+    targets = [IGNORE_INDEX] * len(ids)
+    for first, last in ranges:
         for p in range(max(first, 1), last):
-            targets[p - 1] = seq.ids[p]
+            targets[p - 1] = ids[p]
     return targets
 
 
 class KnowledgeMapper(nn.Module):
-    """The mapping network: one affine layer, knowledge space (k) -> input embeddings (d)."""
+    """The mapping network: one affine layer, knowledge space (k) -> input embeddings (d),
+    initialised as PyTorch's `nn.Linear` (as the official `AffineMapper`)."""
 
-    def __init__(self, knowledge_dim: int, embed_dim: int, init_std: float = 0.02):
+    def __init__(self, knowledge_dim: int, embed_dim: int):
         super().__init__()
         self.proj = nn.Linear(knowledge_dim, embed_dim)
-        nn.init.normal_(self.proj.weight, std=init_std)
-        nn.init.zeros_(self.proj.bias)
 
     def forward(self, vectors_Nk: torch.Tensor) -> torch.Tensor:
         return self.proj(vectors_Nk)
@@ -441,26 +456,52 @@ class MapperConfig:
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
+    # The frozen model runs in training mode with this dropout (attention, residual, embedding):
+    # the official general mapper is map-tuned through BERT with dropout 0.25, which keeps the
+    # mapper from relying on any one path through the model. 0 runs the model in eval mode.
+    dropout: float = 0.25
     seed: int = 0
+
+
+@contextmanager
+def frozen(model: GPT, dropout: float):
+    """`model` with no parameter taking a gradient and its dropout set to `dropout` (training
+    mode when > 0); everything is restored on exit, so its weights stay bit-identical."""
+    was_training, rate = model.training, model.config.dropout
+    requires = [p.requires_grad for p in model.parameters()]
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    rates = [m.p for m in drops]
+    model.requires_grad_(False).train(dropout > 0)
+    model.config.dropout = dropout  # attention dropout reads the config
+    for m in drops:
+        m.p = dropout
+    try:
+        yield model
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        for m, r in zip(drops, rates):
+            m.p = r
+        model.config.dropout = rate
+        model.train(was_training)
 
 
 def tune_mapper(model: GPT, plugin: KnowledgePlugin, examples: Sequence[PluginSequence],
                 cfg: MapperConfig = MapperConfig(), log: Callable[[int, float], None] | None = None
                 ) -> list[float]:
-    """Train only `plugin.mapper` on the targets of `examples` (masked-mention LM for map-tuning, a
-    task's answer tokens for the task-specific mapper) with `model` frozen: its parameters get no
-    gradient and it runs in eval mode (no dropout). Returns the loss of every step.
+    """Train only `plugin.mapper` on the targets of `examples` (map-tuning on a general corpus
+    for the plug-and-play mapper, a task's answer tokens for the task-specific one) with `model`
+    frozen (see `frozen`: no gradient, dropout `cfg.dropout`). Adam (AdamW with weight decay 0)
+    at a constant lr, as the official map-tuning. Returns the loss of every step.
 
     Not `minillm.train.Trainer`: the trainer optimizes the model's own parameters on (x, y) token
     windows, while here the optimized parameters live outside the model and the inputs are
     embeddings built per batch from entity links."""
     gen = random.Random(cfg.seed)
-    was_training = model.training
-    requires = [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # the dropout masks
     opt = torch.optim.AdamW(plugin.mapper.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = []
-    try:
+    with frozen(model, cfg.dropout):
         for step in range(cfg.steps):
             batch = gen.sample(list(examples), min(cfg.batch_size, len(examples)))
             loss = sequence_loss(model, plugin, batch)
@@ -470,10 +511,6 @@ def tune_mapper(model: GPT, plugin: KnowledgePlugin, examples: Sequence[PluginSe
             history.append(loss.item())
             if log is not None:
                 log(step, history[-1])
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-        model.train(was_training)
     return history
 
 
@@ -488,28 +525,14 @@ def weights_digest(model: nn.Module) -> str:
 
 # --- scoring and generation with injected embeddings ------------------------------------------------
 
-@torch.no_grad()
 def plugin_continuation_logprobs(model: GPT, plugin: KnowledgePlugin | None,
                                  contexts: Sequence[PluginSequence],
                                  continuations: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """Log-probability of each continuation token given its context (ids with slots), from one
-    right-padded forward pass over context + continuation through `inputs_embeds`."""
-    seqs = []
-    for c, x in zip(contexts, continuations):
-        if not c.ids or not x:
-            raise ValueError("contexts and continuations must each hold at least one token")
-        seqs.append(PluginSequence(list(c.ids) + list(x), c.slots))
-    ids_BT, _ = _right_pad(seqs, model.wte.weight.device)
-    was_training = model.training
-    model.eval()
-    x_BTd = embed_inputs(model, ids_BT, [s.slots for s in seqs], plugin)
-    logp_BTV = F.log_softmax(model(inputs_embeds=x_BTd).logits.float(), dim=-1)
-    model.train(was_training)
-    out = []
-    for b, (c, x) in enumerate(zip(contexts, continuations)):
-        pos = torch.arange(len(c.ids) - 1, len(c.ids) + len(x) - 1)
-        out.append(logp_BTV[b, pos, torch.tensor(list(x))].cpu())
-    return out
+    """Log-probability of each continuation token given its context (ids with slots):
+    `generate.continuation_logprobs` with the injected vectors in the input embeddings."""
+    slots = [c.slots for c in contexts]
+    return continuation_logprobs(model, [c.ids for c in contexts], continuations,
+                                 embed=lambda ids_BT: embed_inputs(model, ids_BT, slots, plugin))
 
 
 @torch.no_grad()
@@ -599,7 +622,7 @@ class PluginLM:
 __all__ = ["TripleFileError", "UnknownEntityError", "SpanError", "read_triples", "KGVocab",
            "TransEConfig", "TransE", "corrupt", "train_transe", "link_prediction",
            "KnowledgeEmbeddings", "save_knowledge", "load_knowledge", "Link", "token_byte_spans",
-           "span_to_tokens", "PluginSequence", "build_sequence", "mention_targets",
+           "span_to_tokens", "PluginSequence", "build_sequence", "range_targets",
            "KnowledgeMapper", "KnowledgePlugin", "embed_inputs", "sequence_loss", "evaluate_loss",
            "MapperConfig", "tune_mapper", "weights_digest", "plugin_continuation_logprobs",
            "plugin_generate_ids", "NameLinker", "PluginLM"]
