@@ -24,6 +24,8 @@ through `sharded_parameters()` ({name: parameter}).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -62,6 +64,30 @@ def max_over(value: int, group, device: torch.device) -> int:
 
 
 # --- groups -----------------------------------------------------------------------------------------
+
+# Objects holding a process group made here, as (object, attribute) pairs, weakly: `release_groups`
+# (called by minillm.distributed.cleanup) drops those references before the groups are destroyed,
+# so that Python never finalises a gloo group at interpreter exit, after torch.distributed is gone
+# (which can abort the process after a finished run).
+_HOLDERS: list[tuple[weakref.ref, str]] = []
+
+
+def hold(obj, attribute: str) -> None:
+    """Remember that `obj.<attribute>` holds a process group (released by `release_groups`)."""
+    _HOLDERS.append((weakref.ref(obj), attribute))
+
+
+def release_groups() -> None:
+    """Drop every held reference to a process group (`release_group()` where the object has one)."""
+    for ref, attribute in _HOLDERS:
+        obj = ref()
+        if obj is not None:
+            if hasattr(obj, "release_group"):
+                obj.release_group()
+            else:
+                setattr(obj, attribute, None)
+    _HOLDERS.clear()
+
 
 def make_groups(ep_size: int):
     """(expert-parallel group, expert data-parallel group) of this rank. World = ep_size * D:
@@ -105,6 +131,7 @@ def shard_model(model: nn.Module, ep_size: int, world_size: int):
     ep_group, dp_group = make_groups(ep_size)
     for moe in layers:
         moe.shard_experts(ep_group)
+        moe.equal_tokens_across_ranks = True  # the trainer's micro-batches have one shape
     return sharded_parameters(model), ep_group, dp_group
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import moe_kernels
+from . import expert_parallel, moe_kernels
 from .activations import ACTIVATIONS
 from .errors import UserError
 from .expert_parallel import all_to_all, max_over
@@ -339,7 +339,10 @@ class MoE(nn.Module):
     buffer crosses ranks with one all-to-all each way (equal splits: no sizes to exchange). So a
     rank computes what one process computes for that rank's tokens alone. Entries computed outside
     the buffer stay on their token's rank and must name one of its experts (Intra-GPU
-    Rectification chooses them there)."""
+    Rectification chooses them there). Agreeing on C costs an all-reduce (and a host sync) per
+    layer per forward; `equal_tokens_across_ranks = True` (the trainer sets it: every rank's
+    micro-batch has one shape) skips it in training with a fixed capacity, where C depends on
+    the token count alone. `minillm.distributed.cleanup` releases the group (`release_group`)."""
 
     def __init__(self, d: int, cfg: MoEConfig, plan_transforms=(), ep_group=None):
         super().__init__()
@@ -350,6 +353,7 @@ class MoE(nn.Module):
         self.output_bias: nn.Parameter | None = None
         self.stats: dict = {}
         self.ep_group, self.ep_rank, self.ep_size = None, 0, 1
+        self.equal_tokens_across_ranks = False
         if ep_group is not None:
             self.shard_experts(ep_group)
 
@@ -369,6 +373,12 @@ class MoE(nn.Module):
         per = self.cfg.num_experts // size
         self.experts.keep(slice(rank * per, (rank + 1) * per))
         self.ep_group, self.ep_rank, self.ep_size = group, rank, size
+        expert_parallel.hold(self, "ep_group")  # released by minillm.distributed.cleanup
+
+    def release_group(self) -> None:
+        """Drop the reference to the process group (after training): the sharded layer no longer
+        runs, and Python never finalises the group after torch.distributed is torn down."""
+        self.ep_group = None
 
     def sharded_parameters(self) -> dict[str, nn.Parameter]:
         """{name: parameter} of the parameters that differ between the ranks of `ep_group` (this
@@ -403,7 +413,11 @@ class MoE(nn.Module):
         if not dropless:
             for transform in self.plan_transforms:
                 plan = transform(plan)
-        if self.ep_group is not None:  # one buffer size for the group (more padding, same slots)
+        if self.ep_size > 1 and self.ep_group is None:
+            raise RuntimeError("this MoE layer's experts are sharded, but its process group was "
+                               "released (distributed.cleanup): it cannot run any more")
+        same_capacity = self.training and not dropless and self.equal_tokens_across_ranks
+        if self.ep_group is not None and not same_capacity:  # one buffer size for the group
             plan = dataclasses.replace(plan, capacity=max_over(plan.capacity, self.ep_group,
                                                                x_Td.device))
         dispatch_fn, combine_fn = _dispatch_combine(x_Td, plan)

@@ -163,6 +163,8 @@ class Trainer:
             torch.manual_seed(cfg.seed + dist.rank)
         self.sharded, self.ep_group, self.expert_dp_group = expert_parallel.shard_model(
             self.model, cfg.expert_parallel, dist.world_size)  # ({}, None, None) without EP
+        expert_parallel.hold(self, "ep_group")
+        expert_parallel.hold(self, "expert_dp_group")
         self.model.activation_checkpointing = cfg.activation_checkpointing
         if cfg.fsdp:
             # Shard every block, then the root (embeddings, final norm, head): each block's

@@ -143,7 +143,7 @@ def test_resume_takes_the_model_and_settings_from_the_checkpoint(data_dir, tmp_p
     main(["--data", str(data_dir), "--out-dir", str(out), "--preset", "tiny-llama", "--block-size",
           "32", "--batch-size", "4", "--max-steps", "4", "--ckpt-interval", "4", "--eval-interval",
           "0", "--progress", "false"])
-    # exactly as the README writes it: no --preset, and --max-steps may change
+    # exactly as DESIGN.md (Training, resume) writes it: no --preset, and --max-steps may change
     main(["--data", str(data_dir), "--out-dir", str(out), "--resume", "true", "--max-steps", "6"])
     state = torch.load(out / "ckpt_0000006.pt", weights_only=True)
     assert state["model_config"]["norm"] == "rmsnorm" and state["train_config"]["max_steps"] == 6
