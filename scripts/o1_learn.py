@@ -61,6 +61,9 @@ class O1LearnConfig:
     # the experiment
     question_levels: list[int] = field(default_factory=lambda: [3], metadata={
         "help": "levels whose train-split questions the learners sample on (answers only)"})
+    question_pool: int = field(default=2000, metadata={
+        "help": "questions per level that rounds draw from; equal to --questions-per-round, every "
+                "round revisits the same questions"})
     eval_level: int = field(default=4, metadata={"help": "the held-out level (test split)"})
     eval_problems: int = 200
     rounds: int = 8
@@ -71,7 +74,7 @@ class O1LearnConfig:
     sft_lr: float = 1e-4
     expert_lr: float = 1e-4
     grpo_lr: float = 3e-5
-    dpo_lr: float = 3e-6
+    dpo_lr: float = 1e-6
     warmup_steps: int = field(default=32, metadata={
         "help": "linear warmup over each learner's first optimizer steps, then constant"})
     questions_per_round: int = 128
@@ -126,16 +129,16 @@ def learn_config(cfg: O1LearnConfig, method: str) -> LearnConfig:
 
 
 def experiment(cfg: O1LearnConfig):
-    """The trained policy (cached in OUT_DIR/policy), the learners' questions (train split, 2,000
-    per question level), the held-out eval sets (test split) and the policy's own worked
-    solutions (the control's data)."""
+    """The trained policy (cached in OUT_DIR/policy), the learners' questions (train split,
+    `question_pool` per question level), the held-out eval sets (test split) and the policy's
+    own worked solutions (the control's data)."""
     policy_cfg = PolicyConfig(levels=cfg.policy_levels, problems_per_level=cfg.policy_problems_per_level,
                               pretrain_steps=cfg.policy_pretrain_steps, sft_steps=cfg.policy_sft_steps,
                               seed=cfg.seed)
     policy = train_policy(policy_cfg, Path(cfg.out_dir) / "policy")
     task = Arithmetic(ops=policy_cfg.ops)
     questions = [p for level in cfg.question_levels
-                 for p in task_problems(task, level, 2000, "train", cfg.seed + 7)]
+                 for p in task_problems(task, level, cfg.question_pool, "train", cfg.seed + 7)]
     eval_sets = {}
     for level in [cfg.eval_level] + [q for q in cfg.question_levels if q != cfg.eval_level]:
         eval_sets[f"level{level}"] = task_problems(task, level, cfg.eval_problems, "test", cfg.seed)
@@ -187,7 +190,8 @@ def table(results: dict[str, list[dict]], key: str) -> list[str]:
 def main(cfg: O1LearnConfig) -> dict:
     if cfg.tiny:
         cfg = tiny(cfg)
-    for name in ("threads", "eval_problems", "rm_questions", "rm_chains", "rm_steps", "prm_rollouts"):
+    for name in ("threads", "eval_problems", "question_pool", "rm_questions", "rm_chains",
+                 "rm_steps", "prm_rollouts"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected at least 1")
     torch.set_num_threads(cfg.threads)
