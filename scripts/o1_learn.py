@@ -1,6 +1,6 @@
 """The o1 roadmap, part 2: does learning from search beat plain SFT? (minillm.methods.o1_learning)
 
-    python scripts/o1_learn.py                 # the default run (README: numbers and time measured)
+    python scripts/o1_learn.py                 # the default run (DESIGN.md: numbers and time measured)
     python scripts/o1_learn.py --tiny          # a smoke run of a few seconds (the test)
 
 The setting is the one where learning from search has something to learn from: worked solutions
@@ -13,10 +13,16 @@ Steps:
    steps: expert iteration, GRPO and DPO sample `--group-size` chains for each of
    `--questions-per-round` questions of `--question-levels` (train split; the learner uses only
    their answers, through the checker, never their worked solutions), and the control (`sft`)
-   continues plain SFT on the policy's original worked solutions. Same optimizer, same steps.
-3. After every round: greedy accuracy on `--eval-problems` held-out (test split) problems of
-   `--eval-level` (by default 4 digits, harder than anything the policy or the learners saw) and
-   of every question level (3 digits by default).
+   continues plain SFT on the policy's original worked solutions. Same optimizer (AdamW, a
+   `--warmup-steps` linear warmup), same steps and batch size; each arm at its own learning rate
+   (`--sft-lr`, `--expert-lr`, `--grpo-lr`, `--dpo-lr`: the defaults are a sweep's picks on seed
+   0, DESIGN.md). GRPO's and DPO's reference is the initial policy or, with `--grpo-reference
+   round` / `--dpo-reference round`, the policy at each round's start (iterative DPO).
+3. After every round: the reward of the round's samples, each learner's gauges (GRPO's KL and
+   clipped fraction, DPO's implicit rewards and pair accuracy) and greedy accuracy on
+   `--eval-problems` held-out (test split) problems of `--eval-level` (by default 4 digits,
+   harder than anything the policy or the learners saw) and of every question level (3 digits
+   by default).
 
 `--grpo-rewards process` gives GRPO per-step rewards from o1's process reward model, trained
 first on Monte-Carlo step values of the policy's chains (`OUT_DIR/prm.pt`); `--keep scores` has
@@ -24,7 +30,8 @@ expert iteration keep each question's best chain by o1's outcome reward model (`
 instead of the verified ones.
 
 Each learner's rounds are checkpointed in `OUT_DIR/<method>.pt` (a killed run, started again,
-resumes at the round it was in); the table is printed and written to `OUT_DIR/results.json`.
+resumes at the round it was in); the tables (accuracy, sample reward) are printed and the
+records written to `OUT_DIR/results.json`.
 """
 
 import dataclasses
@@ -36,12 +43,26 @@ from pathlib import Path
 import torch
 
 from minillm.cli import parse_config
-from minillm.fileio import write_json
 from minillm.errors import UserError, run_main
-from minillm.methods.o1 import (OutcomeRewardModel, PolicyConfig, ProcessRewardModel, canonical,
-                                policy_problems, process_examples, task_problems, train_orm, train_policy,
-                                train_prm)
-from minillm.methods.o1_learning import METHODS, LearnConfig, run_rounds, sample_rollouts
+from minillm.fileio import write_json
+from minillm.methods.o1 import (
+    OutcomeRewardModel,
+    PolicyConfig,
+    ProcessRewardModel,
+    canonical,
+    policy_problems,
+    process_examples,
+    task_problems,
+    train_orm,
+    train_policy,
+    train_prm,
+)
+from minillm.methods.o1_learning import (
+    METHODS,
+    LearnConfig,
+    run_rounds,
+    sample_rollouts,
+)
 from minillm.tasks import Arithmetic
 
 
@@ -205,6 +226,9 @@ def main(cfg: O1LearnConfig) -> dict:
     for name in ("sft_lr", "expert_lr", "grpo_lr", "dpo_lr"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected > 0")
+    for name in ("grpo_reference", "dpo_reference"):
+        if getattr(cfg, name) not in ("initial", "round"):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected initial or round")
     for method in ["sft"] + list(cfg.methods):  # every flag checked before anything is trained
         learn_config(cfg, method).validate()
     out = Path(cfg.out_dir)

@@ -11,10 +11,22 @@ import torch
 import minillm.methods.o1_learning as ol
 from minillm.errors import UserError
 from minillm.generate import continuation_logprobs
+from minillm.methods.o1_learning import (
+    LearnConfig,
+    Rollout,
+    dpo_loss,
+    group_advantages,
+    grpo_loss,
+    kl_exact,
+    kl_k3,
+    make_batch,
+    preference_pairs,
+    run_rounds,
+    sequence_logprobs,
+    token_logprobs,
+    verified_chains,
+)
 from minillm.model import GPT, ModelConfig
-from minillm.methods.o1_learning import (LearnConfig, Rollout, dpo_loss, group_advantages, grpo_loss,
-                                         kl_exact, kl_k3, make_batch, preference_pairs, run_rounds,
-                                         sequence_logprobs, token_logprobs, verified_chains)
 from minillm.tasks import Arithmetic, prompt
 from minillm.tokenizer import train_bpe
 
@@ -276,8 +288,8 @@ def _run(tok, cfg, path, log=lambda s: None):
                                     "dpo-cut-nll", "dpo-round", "sft"])
 def test_a_killed_run_resumes_at_its_round_and_matches_an_uninterrupted_one(tok, tmp_path, method,
                                                                              monkeypatch):
-    variants = {"grpo-exact": dict(kl_estimator="exact"), "grpo-process": dict(grpo_rewards="process"),
-                "dpo-cut-nll": dict(dpo_cut=True, dpo_nll_coef=0.5), "dpo-round": dict(reference="round")}
+    variants = {"grpo-exact": {"kl_estimator": "exact"}, "grpo-process": {"grpo_rewards": "process"},
+                "dpo-cut-nll": {"dpo_cut": True, "dpo_nll_coef": 0.5}, "dpo-round": {"reference": "round"}}
     # the warmup (3 steps) ends in round 2: a resumed run must continue the schedule, not restart it
     cfg = dict(method=method.split("-")[0], steps_per_round=2, batch_size=4, questions_per_round=4,
                group_size=3, max_new_tokens=24, lr=1e-3, warmup_steps=3, temperature=1.5,
@@ -330,8 +342,8 @@ def test_a_per_round_reference_is_the_policy_at_the_start_of_each_round(tok, tmp
                                                                         monkeypatch):
     # one step a round: the round's gauges are measured at its first step, before any update
     monkeypatch.setattr(ol, "check", lambda problem, text: len(text) % 2 == 0)
-    cfg = dict(method=method, rounds=3, steps_per_round=1, batch_size=4, questions_per_round=4,
-               group_size=3, max_new_tokens=24, lr=1e-2, temperature=1.5)
+    cfg = {"method": method, "rounds": 3, "steps_per_round": 1, "batch_size": 4, "questions_per_round": 4,
+               "group_size": 3, "max_new_tokens": 24, "lr": 1e-2, "temperature": 1.5}
     gauge = "kl" if method == "grpo" else "chosen"
     for reference in ("initial", "round"):
         _, history = _run(tok, LearnConfig(reference=reference, **cfg), tmp_path / f"{reference}.pt")
@@ -345,8 +357,8 @@ def test_a_per_round_reference_is_the_policy_at_the_start_of_each_round(tok, tmp
 
 
 def test_more_rounds_continue_and_other_settings_are_refused(tok, tmp_path):
-    cfg = dict(method="grpo", steps_per_round=1, batch_size=4, questions_per_round=2, group_size=2,
-               max_new_tokens=16)
+    cfg = {"method": "grpo", "steps_per_round": 1, "batch_size": 4, "questions_per_round": 2, "group_size": 2,
+               "max_new_tokens": 16}
     _, one = _run(tok, LearnConfig(rounds=1, **cfg), tmp_path / "s.pt")
     _, two = _run(tok, LearnConfig(rounds=2, **cfg), tmp_path / "s.pt")
     assert two[:2] == one and len(two) == 3
@@ -354,6 +366,8 @@ def test_more_rounds_continue_and_other_settings_are_refused(tok, tmp_path):
         _run(tok, LearnConfig(rounds=2, **{**cfg, "lr": 0.5}), tmp_path / "s.pt")
     with pytest.raises(UserError, match="method"):
         LearnConfig(method="ppo").validate()
+    with pytest.raises(UserError, match="warmup"):
+        LearnConfig(warmup_steps=-1).validate()
 
 
 # --- the script ---
@@ -384,6 +398,10 @@ def test_script_runs_at_a_tiny_size_and_a_second_run_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("resuming after round 1") == 4
     with pytest.raises(UserError, match="methods"):
         script.main(dataclasses.replace(cfg, methods=["ppo"]))
+    for bad, flag in (({"dpo_reference": "sometimes"}, "--dpo-reference"),
+                      ({"grpo_lr": 0.0}, "--grpo-lr"), ({"question_pool": 0}, "--question-pool")):
+        with pytest.raises(UserError, match=flag):
+            script.main(dataclasses.replace(cfg, **bad))
 
 
 def test_script_with_reward_models_at_a_tiny_size(tmp_path):

@@ -24,6 +24,11 @@ the policy is trained on that signal, round after round. Three ways to learn, ea
 - `sft`: the control, plain supervised fine-tuning on the original worked solutions, with the same
   optimizer and the same number of steps per round.
 
+GRPO's and DPO's reference is the initial policy, frozen, or (`reference="round"`) the policy at
+the start of each round: iterative DPO (Pang et al. 2024) and DeepSeekMath's iterative RL. The
+learning rate warms up linearly, then stays constant (the DPO authors' schedule). Where this
+departs from TRL's trainers and the DPO authors' code is listed in DESIGN.md.
+
 Every log-probability here is `sequence_logprobs`-style: the sum of token log-probs over the
 completion tokens only (the prompt and the right padding are masked), from one batched forward pass.
 A completion ends with <|endoftext|> when the policy stopped by itself, so that stopping is learned.
@@ -47,13 +52,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import load_torch_file, save_checkpoint
 from ..errors import UserError
 from ..generate import LocalLM
 from ..model import GPT
-from ..checkpoint import load_torch_file
 from ..tasks import Problem, check, prompt, split_steps
 from ..tokenizer import Tokenizer
-from ..checkpoint import save_checkpoint
 
 STATE_FORMAT = "minillm.methods.o1_learning"
 METHODS = ("expert", "grpo", "dpo", "sft")
@@ -638,9 +642,9 @@ def _describe(record: dict) -> str:
     return " | ".join(parts)
 
 
-__all__ = ["LearnConfig", "METHODS", "Rollout", "TokenBatch", "best_chains", "clipped_tokens",
-           "cut_at_first_difference", "dpo_loss", "dpo_steps",
-           "greedy_accuracy", "group_advantages", "grpo_loss", "grpo_steps", "kl_exact", "kl_k3",
-           "load_round_state", "make_batch", "preference_pairs", "process_advantages", "run_rounds", "sample_rollouts",
-           "sequence_logprobs", "sft_steps", "token_advantages", "token_logprobs", "verified_chains",
-           "warmup_schedule"]
+__all__ = ["METHODS", "LearnConfig", "Rollout", "TokenBatch", "best_chains", "clipped_tokens",
+           "cut_at_first_difference", "dpo_loss", "dpo_steps", "greedy_accuracy",
+           "group_advantages", "grpo_loss", "grpo_steps", "kl_exact", "kl_k3", "load_round_state",
+           "make_batch", "preference_pairs", "process_advantages", "run_rounds", "sample_rollouts",
+           "sequence_logprobs", "sft_steps", "token_advantages", "token_logprobs",
+           "verified_chains", "warmup_schedule"]
