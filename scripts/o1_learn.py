@@ -1,6 +1,6 @@
 """The o1 roadmap, part 2: does learning from search beat plain SFT? (minillm.methods.o1_learning)
 
-    python scripts/o1_learn.py                 # the default run (README: numbers and time measured)
+    python scripts/o1_learn.py                 # the default run (DESIGN.md: numbers and time measured)
     python scripts/o1_learn.py --tiny          # a smoke run of a few seconds (the test)
 
 The setting is the one where learning from search has something to learn from: worked solutions
@@ -13,10 +13,16 @@ Steps:
    steps: expert iteration, GRPO and DPO sample `--group-size` chains for each of
    `--questions-per-round` questions of `--question-levels` (train split; the learner uses only
    their answers, through the checker, never their worked solutions), and the control (`sft`)
-   continues plain SFT on the policy's original worked solutions. Same optimizer, same steps.
-3. After every round: greedy accuracy on `--eval-problems` held-out (test split) problems of
-   `--eval-level` (by default 4 digits, harder than anything the policy or the learners saw) and
-   of every question level (3 digits by default).
+   continues plain SFT on the policy's original worked solutions. Same optimizer (AdamW, a
+   `--warmup-steps` linear warmup), same steps and batch size; each arm at its own learning rate
+   (`--sft-lr`, `--expert-lr`, `--grpo-lr`, `--dpo-lr`: the defaults are a sweep's picks on seed
+   0, DESIGN.md). GRPO's and DPO's reference is the initial policy or, with `--grpo-reference
+   round` / `--dpo-reference round`, the policy at each round's start (iterative DPO).
+3. After every round: the reward of the round's samples, each learner's gauges (GRPO's KL and
+   clipped fraction, DPO's implicit rewards and pair accuracy) and greedy accuracy on
+   `--eval-problems` held-out (test split) problems of `--eval-level` (by default 4 digits,
+   harder than anything the policy or the learners saw) and of every question level (3 digits
+   by default).
 
 `--grpo-rewards process` gives GRPO per-step rewards from o1's process reward model, trained
 first on Monte-Carlo step values of the policy's chains (`OUT_DIR/prm.pt`); `--keep scores` has
@@ -24,7 +30,8 @@ expert iteration keep each question's best chain by o1's outcome reward model (`
 instead of the verified ones.
 
 Each learner's rounds are checkpointed in `OUT_DIR/<method>.pt` (a killed run, started again,
-resumes at the round it was in); the table is printed and written to `OUT_DIR/results.json`.
+resumes at the round it was in); the tables (accuracy, sample reward) are printed and the
+records written to `OUT_DIR/results.json`.
 """
 
 import dataclasses
@@ -36,8 +43,8 @@ from pathlib import Path
 import torch
 
 from minillm.cli import parse_config
-from minillm.fileio import write_json
 from minillm.errors import UserError, run_main
+from minillm.fileio import write_json
 from minillm.methods.o1 import PolicyConfig, policy_problems, task_problems, train_policy
 from minillm.methods.o1_learning import METHODS, LearnConfig, run_rounds, sample_rollouts
 from minillm.methods.o1_reward import (OutcomeRewardModel, ProcessRewardModel, process_examples,
@@ -61,13 +68,23 @@ class O1LearnConfig:
     # the experiment
     question_levels: list[int] = field(default_factory=lambda: [3], metadata={
         "help": "levels whose train-split questions the learners sample on (answers only)"})
+    question_pool: int = field(default=2000, metadata={
+        "help": "questions per level that rounds draw from; equal to --questions-per-round, every "
+                "round revisits the same questions"})
     eval_level: int = field(default=4, metadata={"help": "the held-out level (test split)"})
     eval_problems: int = 200
     rounds: int = 8
-    steps_per_round: int = 32
+    steps_per_round: int = field(default=64, metadata={
+        "help": "optimizer steps per round, the same for every learner and the control"})
     batch_size: int = 16
-    lr: float = 3e-5
-    questions_per_round: int = 64
+    # each learner's own learning rate, picked by a sweep on seed 0 (README / DESIGN.md)
+    sft_lr: float = 1e-4
+    expert_lr: float = 1e-4
+    grpo_lr: float = 3e-5
+    dpo_lr: float = 1e-6
+    warmup_steps: int = field(default=32, metadata={
+        "help": "linear warmup over each learner's first optimizer steps, then constant"})
+    questions_per_round: int = 128
     group_size: int = 8
     temperature: float = 1.0
     max_new_tokens: int = 64
@@ -84,6 +101,12 @@ class O1LearnConfig:
     rm_chains: int = field(default=4, metadata={"help": "sampled chains per reward-model question"})
     prm_rollouts: int = field(default=4, metadata={"help": "PRM: rollouts per step (MC values)"})
     rm_steps: int = field(default=200, metadata={"help": "reward-model training steps"})
+    grpo_reference: str = field(default="initial", metadata={
+        "help": "GRPO's reference policy: initial (frozen) or round (the policy at each round's start)"})
+    dpo_reference: str = field(default="initial", metadata={
+        "help": "DPO's reference policy: initial (frozen) or round (iterative DPO)"})
+    pairs_per_question: int = field(default=8, metadata={
+        "help": "DPO: at most this many (right, wrong) pairs of distinct chains per question"})
     dpo_beta: float = 0.1
     dpo_nll_coef: float = field(default=0.0, metadata={
         "help": "NLL of the chosen chains added to DPO's loss (IRPO); 0: plain DPO"})
@@ -98,7 +121,35 @@ def tiny(cfg: O1LearnConfig) -> O1LearnConfig:
     return dataclasses.replace(
         cfg, policy_levels=[1], policy_problems_per_level=100, policy_pretrain_steps=0,
         policy_sft_steps=12, question_levels=[1], eval_level=2, eval_problems=8, rounds=1,
-        steps_per_round=2, batch_size=4, questions_per_round=4, group_size=3, max_new_tokens=32)
+        steps_per_round=2, warmup_steps=1, batch_size=4, questions_per_round=4, group_size=3,
+        max_new_tokens=32)
+
+
+def learn_config(cfg: O1LearnConfig, method: str) -> LearnConfig:
+    """One learner's settings: the shared ones, its own learning rate and (GRPO, DPO) reference."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LearnConfig)
+              if hasattr(cfg, f.name)}
+    own = {"lr": getattr(cfg, f"{method}_lr")}
+    if method in ("grpo", "dpo"):
+        own["reference"] = getattr(cfg, f"{method}_reference")
+    return LearnConfig(method=method, **shared, **own)
+
+
+def experiment(cfg: O1LearnConfig):
+    """The trained policy (cached in OUT_DIR/policy), the learners' questions (train split,
+    `question_pool` per question level), the held-out eval sets (test split) and the policy's
+    own worked solutions (the control's data)."""
+    policy_cfg = PolicyConfig(levels=cfg.policy_levels, problems_per_level=cfg.policy_problems_per_level,
+                              pretrain_steps=cfg.policy_pretrain_steps, sft_steps=cfg.policy_sft_steps,
+                              seed=cfg.seed)
+    policy = train_policy(policy_cfg, Path(cfg.out_dir) / "policy")
+    task = Arithmetic(ops=policy_cfg.ops)
+    questions = [p for level in cfg.question_levels
+                 for p in task_problems(task, level, cfg.question_pool, "train", cfg.seed + 7)]
+    eval_sets = {}
+    for level in [cfg.eval_level] + [q for q in cfg.question_levels if q != cfg.eval_level]:
+        eval_sets[f"level{level}"] = task_problems(task, level, cfg.eval_problems, "test", cfg.seed)
+    return policy, questions, eval_sets, policy_problems(policy_cfg)
 
 
 def reward_model(kind: str, cfg: O1LearnConfig, policy, questions, out: Path):
@@ -132,11 +183,13 @@ def reward_model(kind: str, cfg: O1LearnConfig, policy, questions, out: Path):
 
 
 def table(results: dict[str, list[dict]], key: str) -> list[str]:
-    methods = list(results)
+    """One row per round, one column per learner that records `key` ("-" where it has none)."""
+    methods = [m for m, h in results.items() if any(key in r for r in h)]
     rounds = max(len(h) for h in results.values())
     lines = ["round  " + "  ".join(f"{m:>7}" for m in methods)]
     for r in range(rounds):
-        cells = [f"{results[m][r][key]:7.3f}" if r < len(results[m]) else "      -" for m in methods]
+        cells = [f"{results[m][r][key]:7.3f}" if r < len(results[m]) and key in results[m][r]
+                 else "      -" for m in methods]
         lines.append(f"{r:>5}  " + "  ".join(cells))
     return lines
 
@@ -144,7 +197,8 @@ def table(results: dict[str, list[dict]], key: str) -> list[str]:
 def main(cfg: O1LearnConfig) -> dict:
     if cfg.tiny:
         cfg = tiny(cfg)
-    for name in ("threads", "eval_problems", "rm_questions", "rm_chains", "rm_steps", "prm_rollouts"):
+    for name in ("threads", "eval_problems", "question_pool", "rm_questions", "rm_chains",
+                 "rm_steps", "prm_rollouts"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected at least 1")
     torch.set_num_threads(cfg.threads)
@@ -155,27 +209,20 @@ def main(cfg: O1LearnConfig) -> dict:
     for level in cfg.question_levels + [cfg.eval_level]:
         if not 1 <= level <= 9:
             raise UserError(f"level {level}: expected 1-9 digits per operand")
-    learn_fields = {f.name for f in dataclasses.fields(LearnConfig)}
-    shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in learn_fields}
+    for name in ("sft_lr", "expert_lr", "grpo_lr", "dpo_lr"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected > 0")
+    for name in ("grpo_reference", "dpo_reference"):
+        if getattr(cfg, name) not in ("initial", "round"):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected initial or round")
     for method in ["sft"] + list(cfg.methods):  # every flag checked before anything is trained
-        LearnConfig(method=method, **shared).validate()
+        learn_config(cfg, method).validate()
     out = Path(cfg.out_dir)
     t0 = time.perf_counter()
-    policy_cfg = PolicyConfig(levels=cfg.policy_levels, problems_per_level=cfg.policy_problems_per_level,
-                              pretrain_steps=cfg.policy_pretrain_steps, sft_steps=cfg.policy_sft_steps,
-                              seed=cfg.seed)
-    policy = train_policy(policy_cfg, out / "policy")
+    policy, questions, eval_sets, sft_examples = experiment(cfg)
     print(f"policy ready ({time.perf_counter() - t0:.0f} s): levels {cfg.policy_levels}, "
           f"{policy.model.num_params():,} parameters", flush=True)
     initial = {k: v.clone() for k, v in policy.model.state_dict().items()}
-
-    task = Arithmetic(ops=policy_cfg.ops)
-    questions = [p for level in cfg.question_levels
-                 for p in task_problems(task, level, 2000, "train", cfg.seed + 7)]
-    eval_sets = {}
-    for level in [cfg.eval_level] + [q for q in cfg.question_levels if q != cfg.eval_level]:
-        eval_sets[f"level{level}"] = task_problems(task, level, cfg.eval_problems, "test", cfg.seed)
-    sft_examples = policy_problems(policy_cfg)  # the policy's own SFT data: its worked solutions
     scorer = step_scorer = None
     if cfg.keep == "scores" and "expert" in cfg.methods:
         t1 = time.perf_counter()
@@ -191,8 +238,7 @@ def main(cfg: O1LearnConfig) -> dict:
     results = {}
     for method in ["sft"] + list(cfg.methods):
         policy.model.load_state_dict(initial)
-        learn = LearnConfig(method=method, **shared)
-        results[method] = run_rounds(learn, policy.model, policy.tokenizer, questions, sft_examples,
+        results[method] = run_rounds(learn_config(cfg, method), policy.model, policy.tokenizer, questions, sft_examples,
                                      eval_sets, out / f"{method}.pt", scorer=scorer,
                                      step_scorer=step_scorer,
                                      log=lambda s: print(s, flush=True))
@@ -202,6 +248,9 @@ def main(cfg: O1LearnConfig) -> dict:
     for name in eval_sets:
         print(f"\ngreedy accuracy on held-out {name} problems ({len(eval_sets[name])}), per round:")
         print("\n".join(table(results, f"acc/{name}")))
+    print("\nreward of the round's samples (temperature "
+          f"{cfg.temperature}, {cfg.questions_per_round} x {cfg.group_size}), per round:")
+    print("\n".join(table(results, "sample_reward")))
     print(f"\n{seconds:.0f} s; results in {out / 'results.json'}")
     return summary
 

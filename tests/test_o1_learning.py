@@ -11,10 +11,22 @@ import torch
 import minillm.methods.o1_learning as ol
 from minillm.errors import UserError
 from minillm.generate import continuation_logprobs
+from minillm.methods.o1_learning import (
+    LearnConfig,
+    Rollout,
+    dpo_loss,
+    group_advantages,
+    grpo_loss,
+    kl_exact,
+    kl_k3,
+    make_batch,
+    preference_pairs,
+    run_rounds,
+    sequence_logprobs,
+    token_logprobs,
+    verified_chains,
+)
 from minillm.model import GPT, ModelConfig
-from minillm.methods.o1_learning import (LearnConfig, Rollout, dpo_loss, group_advantages, grpo_loss,
-                                         kl_exact, kl_k3, make_batch, preference_pairs, run_rounds,
-                                         sequence_logprobs, token_logprobs, verified_chains)
 from minillm.tasks import Arithmetic, prompt
 from minillm.tokenizer import train_bpe
 
@@ -60,11 +72,12 @@ def test_sequence_logprobs_equal_unpadded_scoring_and_skip_the_prompt(tok):
 
 def test_group_advantages_by_hand():
     adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]), eps=0.0)
-    # group 1: mean 0.5, population std 0.5; group 2: all equal -> zero (0 / (0 + eps))
-    assert adv[0].tolist() == [1.0, -1.0, -1.0, 1.0]
+    # group 1: mean 0.5, sample std sqrt(4 * 0.25 / 3) (TRL divides by G - 1); group 2: all equal
+    s = math.sqrt(1 / 3)
+    torch.testing.assert_close(adv[0], torch.tensor([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s]))
     assert group_advantages(torch.tensor([[1.0, 1.0, 1.0]]), eps=1e-4).tolist() == [[0.0, 0.0, 0.0]]
     r = torch.tensor([[2.0, 0.0, 1.0]])
-    std = math.sqrt(((2 - 1) ** 2 + 1 + 0) / 3)
+    std = math.sqrt(((2 - 1) ** 2 + 1 + 0) / 2)
     torch.testing.assert_close(group_advantages(r, eps=0.1),
                                torch.tensor([[1 / (std + 0.1), -1 / (std + 0.1), 0.0]]))
 
@@ -100,16 +113,21 @@ def test_grpo_loss_by_hand():
     lp = logp.clone().requires_grad_(True)
     grpo_loss(lp, old, adv, mask, torch.zeros_like(lp), eps, 0.0).backward()
     assert lp.grad[0, 0] == 0 and lp.grad[0, 1] != 0 and lp.grad[0, 2] == 0
+    # the clipped-token gauge marks exactly the completion tokens that get no gradient
+    ratio = (logp - old).exp()
+    assert torch.equal(ol.clipped_tokens(ratio, adv[:, None].expand(2, 3), eps) & mask,
+                       (lp.grad == 0) & mask)
 
 
 def test_process_advantages_by_hand():
     # one group: chain 1 has steps rewarded 1, 0; chain 2 has one step rewarded 1
-    # all step rewards: mean 2/3, population std sqrt(2/9)
-    m, sd = 2 / 3, math.sqrt(2 / 9)
+    # all step rewards: mean 2/3, sample std sqrt((1/9 + 4/9 + 1/9) / 2) = sqrt(1/3)
+    m, sd = 2 / 3, math.sqrt(1 / 3)
     got = ol.process_advantages([[1.0, 0.0], [1.0]], eps=0.0)
     n1, n0 = (1 - m) / sd, (0 - m) / sd
     assert got[0] == pytest.approx([n1 + n0, n0]) and got[1] == pytest.approx([n1])
     assert ol.process_advantages([[], []]) == [[], []]
+    assert ol.process_advantages([[1.0], []]) == [[0.0], []]  # one step reward: no spread
     # tokens take their step's advantage; the step end belongs to its step; the tail to the last
     nl = 9
     assert ol.token_advantages([1, 2, nl, 3, nl, 0], [0.5, -1.0], {nl}) == [0.5, 0.5, 0.5, -1.0, -1.0, -1.0]
@@ -267,19 +285,23 @@ def _run(tok, cfg, path, log=lambda s: None):
 
 
 @pytest.mark.parametrize("method", ["expert", "grpo", "grpo-exact", "grpo-process", "dpo",
-                                    "dpo-cut-nll", "sft"])
+                                    "dpo-cut-nll", "dpo-round", "sft"])
 def test_a_killed_run_resumes_at_its_round_and_matches_an_uninterrupted_one(tok, tmp_path, method,
                                                                              monkeypatch):
-    variants = {"grpo-exact": dict(kl_estimator="exact"), "grpo-process": dict(grpo_rewards="process"),
-                "dpo-cut-nll": dict(dpo_cut=True, dpo_nll_coef=0.5)}
+    variants = {"grpo-exact": {"kl_estimator": "exact"}, "grpo-process": {"grpo_rewards": "process"},
+                "dpo-cut-nll": {"dpo_cut": True, "dpo_nll_coef": 0.5}, "dpo-round": {"reference": "round"}}
+    # the warmup (3 steps) ends in round 2: a resumed run must continue the schedule, not restart it
     cfg = dict(method=method.split("-")[0], steps_per_round=2, batch_size=4, questions_per_round=4,
-               group_size=3, max_new_tokens=24, lr=1e-3, temperature=1.5, **variants.get(method, {}))
+               group_size=3, max_new_tokens=24, lr=1e-3, warmup_steps=3, temperature=1.5,
+               **variants.get(method, {}))
     # an untrained policy is never right: a checker that accepts even lengths gives every method
     # mixed rewards, so kept chains (expert), advantages (grpo) and pairs (dpo) are exercised
     monkeypatch.setattr(ol, "check", lambda problem, text: len(text) % 2 == 0)
     straight, want = _run(tok, LearnConfig(rounds=3, **cfg), tmp_path / "a.pt")
     assert [r["round"] for r in want] == [0, 1, 2, 3]
     assert all(r["steps"] == 2 for r in want[1:])
+    # lr * min(1, (step + 1) / 4) after 2, 4, 6 steps
+    assert [r["lr"] for r in want[1:]] == pytest.approx([0.75e-3, 1e-3, 1e-3])
     if method != "sft":
         assert all(0 < r["sample_reward"] < 1 for r in want[1:])
     # killed during round 2: its sampling raises after round 1 was saved
@@ -315,9 +337,28 @@ def test_a_killed_run_resumes_at_its_round_and_matches_an_uninterrupted_one(tok,
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_a_per_round_reference_is_the_policy_at_the_start_of_each_round(tok, tmp_path, method,
+                                                                        monkeypatch):
+    # one step a round: the round's gauges are measured at its first step, before any update
+    monkeypatch.setattr(ol, "check", lambda problem, text: len(text) % 2 == 0)
+    cfg = {"method": method, "rounds": 3, "steps_per_round": 1, "batch_size": 4, "questions_per_round": 4,
+               "group_size": 3, "max_new_tokens": 24, "lr": 1e-2, "temperature": 1.5}
+    gauge = "kl" if method == "grpo" else "chosen"
+    for reference in ("initial", "round"):
+        _, history = _run(tok, LearnConfig(reference=reference, **cfg), tmp_path / f"{reference}.pt")
+        assert history[1][gauge] == 0.0  # round 1: the policy is the initial policy
+        later = [r[gauge] for r in history[2:]]
+        if reference == "round":  # KL and implicit rewards are exactly zero at the reference
+            assert later == [0.0, 0.0] and all(r["rejected"] == 0.0 for r in history[1:]
+                                               if method == "dpo")
+        else:  # the frozen initial reference: the policy has moved away from it
+            assert all(abs(g) > 1e-6 for g in later)
+
+
 def test_more_rounds_continue_and_other_settings_are_refused(tok, tmp_path):
-    cfg = dict(method="grpo", steps_per_round=1, batch_size=4, questions_per_round=2, group_size=2,
-               max_new_tokens=16)
+    cfg = {"method": "grpo", "steps_per_round": 1, "batch_size": 4, "questions_per_round": 2, "group_size": 2,
+               "max_new_tokens": 16}
     _, one = _run(tok, LearnConfig(rounds=1, **cfg), tmp_path / "s.pt")
     _, two = _run(tok, LearnConfig(rounds=2, **cfg), tmp_path / "s.pt")
     assert two[:2] == one and len(two) == 3
@@ -325,6 +366,8 @@ def test_more_rounds_continue_and_other_settings_are_refused(tok, tmp_path):
         _run(tok, LearnConfig(rounds=2, **{**cfg, "lr": 0.5}), tmp_path / "s.pt")
     with pytest.raises(UserError, match="method"):
         LearnConfig(method="ppo").validate()
+    with pytest.raises(UserError, match="warmup"):
+        LearnConfig(warmup_steps=-1).validate()
 
 
 # --- the script ---
@@ -342,6 +385,11 @@ def test_script_runs_at_a_tiny_size_and_a_second_run_resumes(tmp_path, capsys):
     # one policy: every learner starts from the same greedy accuracy
     assert len({h[0]["acc/level2"] for h in results.values()}) == 1
     assert results["sft"][1]["steps"] == results["grpo"][1]["steps"] == 2
+    # each learner at its own learning rate, warmed up over 1 step (the tiny policy is never
+    # right: expert iteration and DPO find nothing to learn from and take no step)
+    for method, history in results.items():
+        factor = min(1.0, (history[1]["steps"] + 1) / 2)
+        assert history[1]["lr"] == pytest.approx(factor * getattr(cfg, f"{method}_lr")), method
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"] == results
     capsys.readouterr()
@@ -350,6 +398,10 @@ def test_script_runs_at_a_tiny_size_and_a_second_run_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("resuming after round 1") == 4
     with pytest.raises(UserError, match="methods"):
         script.main(dataclasses.replace(cfg, methods=["ppo"]))
+    for bad, flag in (({"dpo_reference": "sometimes"}, "--dpo-reference"),
+                      ({"grpo_lr": 0.0}, "--grpo-lr"), ({"question_pool": 0}, "--question-pool")):
+        with pytest.raises(UserError, match=flag):
+            script.main(dataclasses.replace(cfg, **bad))
 
 
 def test_script_with_reward_models_at_a_tiny_size(tmp_path):

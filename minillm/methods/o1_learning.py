@@ -24,6 +24,11 @@ the policy is trained on that signal, round after round. Three ways to learn, ea
 - `sft`: the control, plain supervised fine-tuning on the original worked solutions, with the same
   optimizer and the same number of steps per round.
 
+GRPO's and DPO's reference is the initial policy, frozen, or (`reference="round"`) the policy at
+the start of each round: iterative DPO (Pang et al. 2024) and DeepSeekMath's iterative RL. The
+learning rate warms up linearly, then stays constant (the DPO authors' schedule). Where this
+departs from TRL's trainers and the DPO authors' code is listed in DESIGN.md.
+
 Every log-probability here is `sequence_logprobs`-style: the sum of token log-probs over the
 completion tokens only (the prompt and the right padding are masked), from one batched forward pass.
 A completion ends with <|endoftext|> when the policy stopped by itself, so that stopping is learned.
@@ -47,13 +52,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import load_torch_file, save_checkpoint
 from ..errors import UserError
 from ..generate import LocalLM
 from ..model import GPT
-from ..checkpoint import load_torch_file
 from ..tasks import Problem, check, prompt, split_steps
 from ..tokenizer import Tokenizer
-from ..checkpoint import save_checkpoint
 
 STATE_FORMAT = "minillm.methods.o1_learning"
 METHODS = ("expert", "grpo", "dpo", "sft")
@@ -107,10 +111,11 @@ def sequence_logprobs(model: GPT, batch: TokenBatch) -> torch.Tensor:
 # --- losses ------------------------------------------------------------------------------------------
 
 def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO's outcome advantages (N questions, G samples each): (r - group mean) / (group std + eps),
-    with the population std (divide by G). A group whose rewards are all equal gets zeros."""
+    """GRPO's outcome advantages (N questions, G >= 2 samples each): (r - group mean) / (group std +
+    eps), with the sample std (divide by G - 1), as TRL's GRPOTrainer. A group whose rewards are all
+    equal gets zeros."""
     mean_N1 = rewards_NG.mean(dim=1, keepdim=True)
-    std_N1 = rewards_NG.std(dim=1, unbiased=False, keepdim=True)
+    std_N1 = rewards_NG.std(dim=1, unbiased=True, keepdim=True)
     return (rewards_NG - mean_N1) / (std_N1 + eps)
 
 
@@ -130,14 +135,14 @@ def kl_exact(logp_BTV: torch.Tensor, ref_logp_BTV: torch.Tensor) -> torch.Tensor
 
 def process_advantages(step_rewards: Sequence[Sequence[float]], eps: float = 1e-4) -> list[list[float]]:
     """GRPO's process supervision (DeepSeekMath 4.1.3) for one group: every step reward is
-    normalised by the mean and population std of all step rewards in the group, and a step's
-    advantage is the sum of the normalised rewards of that step and of the steps after it.
-    Returns one advantage per step of every chain."""
+    normalised by the mean and sample std (as `group_advantages`) of all step rewards in the group,
+    and a step's advantage is the sum of the normalised rewards of that step and of the steps
+    after it. Returns one advantage per step of every chain (zeros when there is only one)."""
     flat = [r for rewards in step_rewards for r in rewards]
     if not flat:
         return [[] for _ in step_rewards]
     mean = sum(flat) / len(flat)
-    std = (sum((r - mean) ** 2 for r in flat) / len(flat)) ** 0.5
+    std = (sum((r - mean) ** 2 for r in flat) / (len(flat) - 1)) ** 0.5 if len(flat) > 1 else 0.0
     out = []
     for rewards in step_rewards:
         normed = [(r - mean) / (std + eps) for r in rewards]
@@ -175,6 +180,13 @@ def grpo_loss(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages: torc
     return per_seq_B.mean()
 
 
+def clipped_tokens(ratio_BT: torch.Tensor, adv_BT: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """Where GRPO's min() takes the clipped term (B, T): the ratio has left [1 - eps, 1 + eps] in
+    the direction the advantage favours, so the token gives no policy gradient (its KL term
+    still does). TRL logs this fraction as the clip ratio."""
+    return ((ratio_BT > 1 + clip_eps) & (adv_BT > 0)) | ((ratio_BT < 1 - clip_eps) & (adv_BT < 0))
+
+
 def dpo_loss(chosen_B: torch.Tensor, rejected_B: torch.Tensor, ref_chosen_B: torch.Tensor,
              ref_rejected_B: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
     """DPO: -log sigmoid(beta ((log pi(y+) - log ref(y+)) - (log pi(y-) - log ref(y-)))), averaged
@@ -198,7 +210,7 @@ class Rollout:
 
 def sample_rollouts(model: GPT, tokenizer: Tokenizer, problems: Sequence[Problem], n: int,
                     temperature: float, max_new_tokens: int, seed: int,
-                    batch_size: int = 64) -> list[list[Rollout]]:
+                    batch_size: int = 256) -> list[list[Rollout]]:
     """`n` chains per problem (a group each), rewarded by the exact checker (1.0 or 0.0)."""
     lm = LocalLM(model, tokenizer, batch_size=batch_size)
     prompts = [prompt(p) for p in problems for _ in range(n)]
@@ -276,6 +288,9 @@ class LearnConfig:
     steps_per_round: int = field(default=16, metadata={"help": "optimizer steps per round"})
     batch_size: int = field(default=16, metadata={"help": "chains per step (pairs for DPO)"})
     lr: float = 1e-4
+    warmup_steps: int = field(default=0, metadata={
+        "help": "linear warmup over the run's first optimizer steps, then constant (as the DPO "
+                "authors' trainer: lr * min(1, (step + 1) / (warmup + 1))); 0: none"})
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     questions_per_round: int = 32
@@ -286,6 +301,9 @@ class LearnConfig:
         "help": "expert iteration keeps the checker-verified chains (verified) or each question's "
                 "best chain by the caller's scores, e.g. an outcome reward model (scores)"})
     keep_per_question: int = 4
+    reference: str = field(default="initial", metadata={
+        "help": "GRPO's and DPO's reference policy: the initial policy, frozen (initial), or the "
+                "policy as it is at the start of each round (round: iterative DPO / iterative RL)"})
     clip_eps: float = 0.2
     kl_coef: float = 0.04
     kl_estimator: str = field(default="k3", metadata={"help": "k3 or exact"})
@@ -310,6 +328,10 @@ class LearnConfig:
             raise UserError(f"--grpo-rewards {self.grpo_rewards!r}: expected outcome or process")
         if self.kl_estimator not in ("k3", "exact"):
             raise UserError(f"--kl-estimator {self.kl_estimator!r}: expected k3 or exact")
+        if self.reference not in ("initial", "round"):
+            raise UserError(f"--reference {self.reference!r}: expected initial or round")
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps {self.warmup_steps}: expected 0 or more")
         for name in ("rounds", "steps_per_round", "batch_size", "questions_per_round",
                      "group_size", "max_new_tokens", "keep_per_question", "pairs_per_question"):
             if getattr(self, name) < (0 if name == "rounds" else 1):
@@ -320,12 +342,22 @@ class LearnConfig:
             raise UserError("GRPO needs --group-size >= 2: a group of one has no relative advantage")
 
 
-def _step(model: GPT, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then constant: step s runs at lr * min(1, (s + 1) / (warmup_steps + 1)), the
+    DPO authors' schedule (their trainer's LambdaLR). One schedule for a learner's whole run."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
+
+
+def _step(model: GPT, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float,
+          scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
 
 
 def _minibatches(n: int, batch_size: int, steps: int, rng: random.Random) -> list[list[int]]:
@@ -342,27 +374,29 @@ def _minibatches(n: int, batch_size: int, steps: int, rng: random.Random) -> lis
 
 
 def sft_steps(model: GPT, optimizer, examples: Sequence[tuple[list[int], list[int]]],
-              cfg: LearnConfig, rng: random.Random, pad_id: int) -> list[float]:
-    """Supervised steps on (prompt ids, completion ids): the mean NLL over completion tokens."""
+              cfg: LearnConfig, rng: random.Random, pad_id: int, scheduler=None) -> list[dict]:
+    """Supervised steps on (prompt ids, completion ids): the mean NLL over completion tokens.
+    Returns each step's {"loss"}."""
     device = model.wte.weight.device
-    losses = []
+    stats = []
     for idx in _minibatches(len(examples), cfg.batch_size, cfg.steps_per_round, rng):
         batch = make_batch([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id, device)
         loss = -token_logprobs(model, batch).sum() / batch.mask.sum()
-        _step(model, optimizer, loss, cfg.grad_clip)
-        losses.append(loss.item())
-    return losses
+        _step(model, optimizer, loss, cfg.grad_clip, scheduler)
+        stats.append({"loss": loss.item()})
+    return stats
 
 
 def grpo_steps(model: GPT, reference: GPT, optimizer, groups: Sequence[Sequence[Rollout]],
                cfg: LearnConfig, rng: random.Random, pad_id: int,
                step_scorer: Callable[[Problem, list[str]], list[float]] | None = None,
-               step_ends: set[int] | None = None) -> list[float]:
-    """GRPO updates on one round's groups: advantages per group, the sampling policy's and the
-    reference's log-probs computed once, then `steps_per_round` clipped updates on minibatches.
-    Outcome advantages (the checker's reward, one per chain) by default; with a `step_scorer`
-    (e.g. a process reward model's `score_steps`) process advantages per token, the chains'
-    steps (`tasks.split_steps`) ending at the tokens in `step_ends`."""
+               step_ends: set[int] | None = None, scheduler=None) -> list[dict]:
+    """GRPO updates on one round's groups: advantages per group, the sampling policy's log-probs
+    computed once, then `steps_per_round` clipped updates on minibatches. Outcome advantages (the
+    checker's reward, one per chain) by default; with a `step_scorer` (e.g. a process reward
+    model's `score_steps`) process advantages per token, the chains' steps (`tasks.split_steps`)
+    ending at the tokens in `step_ends`. Returns each step's {"loss", "kl": the mean per-token KL
+    to the reference, "clipped": the fraction of tokens whose ratio is clipped (no gradient)}."""
     device = model.wte.weight.device
     rollouts = [r for g in groups for r in g]
     if step_scorer is None:
@@ -382,7 +416,7 @@ def grpo_steps(model: GPT, reference: GPT, optimizer, groups: Sequence[Sequence[
             logp_BT = token_logprobs(model, make_batch([r.prompt_ids for r in chunk],
                                                        [r.completion for r in chunk], pad_id, device))
             old += [logp_BT[b, :len(r.prompt_ids) + len(r.completion) - 1] for b, r in enumerate(chunk)]
-    losses = []
+    stats = []
     for idx in _minibatches(len(rollouts), cfg.batch_size, cfg.steps_per_round, rng):
         chosen = [rollouts[i] for i in idx]
         batch = make_batch([r.prompt_ids for r in chosen], [r.completion for r in chosen], pad_id, device)
@@ -402,15 +436,23 @@ def grpo_steps(model: GPT, reference: GPT, optimizer, groups: Sequence[Sequence[
             logp_BT = token_logprobs(model, batch)
             kl_BT = kl_k3(logp_BT, ref)
         loss = grpo_loss(logp_BT, old_BT, adv_BT, batch.mask, kl_BT, cfg.clip_eps, cfg.kl_coef)
-        _step(model, optimizer, loss, cfg.grad_clip)
-        losses.append(loss.item())
-    return losses
+        _step(model, optimizer, loss, cfg.grad_clip, scheduler)
+        with torch.no_grad():
+            clipped_BT = clipped_tokens((logp_BT - old_BT).exp(), adv_BT, cfg.clip_eps) & batch.mask
+            n = batch.mask.sum().clamp(min=1)
+            stats.append({"loss": loss.item(), "kl": float((kl_BT * batch.mask).sum() / n),
+                          "clipped": float(clipped_BT.sum() / n)})
+    return stats
 
 
 def dpo_steps(model: GPT, reference: GPT, optimizer, pairs: Sequence[tuple[Rollout, Rollout]],
-              cfg: LearnConfig, rng: random.Random, pad_id: int) -> list[float]:
+              cfg: LearnConfig, rng: random.Random, pad_id: int, scheduler=None) -> list[dict]:
+    """DPO updates on (chosen, rejected) pairs. Returns each step's {"loss"} and, measured before
+    the update as TRL logs them, the implicit rewards beta (log pi - log ref) of the chosen and
+    the rejected chains ("chosen", "rejected") and the fraction of pairs whose chosen chain has
+    the higher one ("pair_acc", 0 at the reference: the margin must become positive)."""
     device = model.wte.weight.device
-    losses = []
+    stats = []
     for idx in _minibatches(len(pairs), cfg.batch_size, cfg.steps_per_round, rng):
         chains = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]  # chosen, then rejected
         batch = make_batch([r.prompt_ids for r in chains], [r.completion for r in chains], pad_id, device)
@@ -421,13 +463,17 @@ def dpo_steps(model: GPT, reference: GPT, optimizer, pairs: Sequence[tuple[Rollo
         loss = dpo_loss(pol_B[:k], pol_B[k:], ref_B[:k], ref_B[k:], cfg.dpo_beta)
         if cfg.dpo_nll_coef:  # IRPO: the chosen chains' mean token NLL keeps their likelihood up
             loss = loss - cfg.dpo_nll_coef * (pol_B[:k] / batch.mask[:k].sum(-1)).mean()
-        _step(model, optimizer, loss, cfg.grad_clip)
-        losses.append(loss.item())
-    return losses
+        _step(model, optimizer, loss, cfg.grad_clip, scheduler)
+        with torch.no_grad():
+            reward_B = cfg.dpo_beta * (pol_B - ref_B)
+            stats.append({"loss": loss.item(), "chosen": float(reward_B[:k].mean()),
+                          "rejected": float(reward_B[k:].mean()),
+                          "pair_acc": float((reward_B[:k] > reward_B[k:]).float().mean())})
+    return stats
 
 
 def greedy_accuracy(model: GPT, tokenizer: Tokenizer, problems: Sequence[Problem],
-                    max_new_tokens: int, batch_size: int = 64) -> float:
+                    max_new_tokens: int, batch_size: int = 256) -> float:
     outs = LocalLM(model, tokenizer, batch_size=batch_size).generate(
         [prompt(p) for p in problems], max_new_tokens=max_new_tokens, temperature=0.0)
     return sum(check(p, o) for p, o in zip(problems, outs)) / max(len(problems), 1)
@@ -461,15 +507,20 @@ def run_rounds(cfg: LearnConfig, policy: GPT, tokenizer: Tokenizer, questions: S
                step_scorer: Callable | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Train `policy` in place for `cfg.rounds` rounds of `cfg.method`; returns one record per
     round, round 0 being the policy before learning: greedy accuracy on each of `eval_sets`,
-    and what the round did (mean sampled reward, chains kept, pairs, steps, mean loss, seconds).
+    and what the round did (mean sampled reward, the fraction of questions with both right and
+    wrong samples, chains kept, pairs, steps, the learning rate at its end, the means over its
+    steps of the loss and of the learner's gauges: GRPO's KL to the reference and clipped
+    fraction, DPO's implicit rewards and pair accuracy; seconds).
 
     `questions` are the problems that sampling draws from (only their answers are used, through
     the checker); `sft_examples` are the problems whose worked solutions the `sft` control trains
     on. `scorer(problems, texts) -> scores` ranks chains for `keep="scores"`;
-    `step_scorer(problem, steps) -> one score per step` gives GRPO's `grpo_rewards="process"`. The reference policy
-    of GRPO and DPO is a frozen copy of `policy` as given. After every round the state is written
-    to `state_path`; when that file exists the run continues from it (`policy`'s weights are then
-    replaced by the saved ones, and the reference is the saved initial policy)."""
+    `step_scorer(problem, steps) -> one score per step` gives GRPO's `grpo_rewards="process"`.
+    The reference policy of GRPO and DPO is a frozen copy of `policy` as given
+    (`reference="initial"`) or of the policy at the start of each round (`"round"`). After every
+    round the state is written to `state_path`; when that file exists the run continues from it
+    (`policy`'s weights are then replaced by the saved ones, and the initial reference by the
+    saved initial policy)."""
     cfg.validate()
     if cfg.keep == "scores" and cfg.method == "expert" and scorer is None:
         raise UserError("--keep scores needs a scorer (an outcome reward model)")
@@ -486,11 +537,13 @@ def run_rounds(cfg: LearnConfig, policy: GPT, tokenizer: Tokenizer, questions: S
     reference.requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))
+    scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
     if state is None:
         state = {"format": STATE_FORMAT, "settings": _settings(cfg), "round": 0, "data": [],
                  "history": [], "reference": _cpu_copy(policy)}
     else:
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         log(f"{cfg.method}: resuming after round {state['round']} from {state_path}")
     data: list[list[list[int]]] = state["data"]  # expert iteration's kept chains: [prompt, completion]
@@ -505,8 +558,8 @@ def run_rounds(cfg: LearnConfig, policy: GPT, tokenizer: Tokenizer, questions: S
         return record
 
     def save(round_done: int) -> None:
-        state.update(round=round_done, model=_cpu_copy(policy),
-                     optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
+        state.update(round=round_done, model=_cpu_copy(policy), optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), rng=torch.get_rng_state())
         state_path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(state_path, state)
 
@@ -518,15 +571,19 @@ def run_rounds(cfg: LearnConfig, policy: GPT, tokenizer: Tokenizer, questions: S
         t0 = time.perf_counter()
         rng = random.Random(f"{cfg.seed}/{rnd}")
         record = {"round": rnd, "method": cfg.method}
+        if cfg.reference == "round":  # iterative DPO / RL: this round's policy is its reference
+            reference.load_state_dict(policy.state_dict())
         policy.train()
         if cfg.method == "sft":
-            losses = sft_steps(policy, optimizer, sft_pairs, cfg, rng, pad_id)
+            stats = sft_steps(policy, optimizer, sft_pairs, cfg, rng, pad_id, scheduler)
         else:
             batch = rng.sample(list(questions), min(cfg.questions_per_round, len(questions)))
             groups = sample_rollouts(policy, tokenizer, batch, cfg.group_size, cfg.temperature,
                                      cfg.max_new_tokens, seed=rng.randrange(2 ** 31))
             record["sample_reward"] = sum(r.reward for g in groups for r in g) / (len(groups) * cfg.group_size)
-            losses = []
+            # questions whose samples are neither all right nor all wrong: GRPO's and DPO's signal
+            record["mixed"] = sum(len({r.reward for r in g}) > 1 for g in groups) / len(groups)
+            stats = []
             if cfg.method == "expert":
                 if cfg.keep == "verified":
                     kept = verified_chains(groups, cfg.keep_per_question)
@@ -537,19 +594,22 @@ def run_rounds(cfg: LearnConfig, policy: GPT, tokenizer: Tokenizer, questions: S
                 data += [[r.prompt_ids, r.completion] for r in kept]
                 record.update(kept=len(kept), data=len(data))
                 if data:
-                    losses = sft_steps(policy, optimizer, [tuple(d) for d in data], cfg, rng, pad_id)
+                    stats = sft_steps(policy, optimizer, [tuple(d) for d in data], cfg, rng, pad_id,
+                                      scheduler)
             elif cfg.method == "grpo":
-                losses = grpo_steps(policy, reference, optimizer, groups, cfg, rng, pad_id,
-                                    step_scorer if cfg.grpo_rewards == "process" else None,
-                                    step_ends)
+                stats = grpo_steps(policy, reference, optimizer, groups, cfg, rng, pad_id,
+                                   step_scorer if cfg.grpo_rewards == "process" else None,
+                                   step_ends, scheduler)
             else:
                 pairs = preference_pairs(groups, cfg.pairs_per_question, rng)
                 if cfg.dpo_cut:
                     pairs = [_cut_pair(a, b, step_ends) for a, b in pairs]
                 record["pairs"] = len(pairs)
                 if pairs:
-                    losses = dpo_steps(policy, reference, optimizer, pairs, cfg, rng, pad_id)
-        record.update(steps=len(losses), loss=sum(losses) / len(losses) if losses else None)
+                    stats = dpo_steps(policy, reference, optimizer, pairs, cfg, rng, pad_id, scheduler)
+        record.update(steps=len(stats), lr=scheduler.get_last_lr()[0])
+        for key in (stats[0] if stats else {"loss": None}):  # the round's mean of each gauge
+            record[key] = sum(s[key] for s in stats) / len(stats) if stats else None
         policy.eval()
         evaluate(record)
         record["seconds"] = round(time.perf_counter() - t0, 2)
@@ -575,11 +635,16 @@ def _describe(record: dict) -> str:
     for k, v in record.items():
         if k in ("round", "method") or v is None:
             continue
-        parts.append(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}")
+        if isinstance(v, float):  # learning rates are small: 3 significant digits, not 3 decimals
+            parts.append(f"{k} {v:.3g}" if k == "lr" else f"{k} {v:.3f}")
+        else:
+            parts.append(f"{k} {v}")
     return " | ".join(parts)
 
 
-__all__ = ["LearnConfig", "METHODS", "Rollout", "TokenBatch", "best_chains", "cut_at_first_difference", "dpo_loss", "dpo_steps",
-           "greedy_accuracy", "group_advantages", "grpo_loss", "grpo_steps", "kl_exact", "kl_k3",
-           "load_round_state", "make_batch", "preference_pairs", "process_advantages", "run_rounds", "sample_rollouts",
-           "sequence_logprobs", "sft_steps", "token_advantages", "token_logprobs", "verified_chains"]
+__all__ = ["METHODS", "LearnConfig", "Rollout", "TokenBatch", "best_chains", "clipped_tokens",
+           "cut_at_first_difference", "dpo_loss", "dpo_steps", "greedy_accuracy",
+           "group_advantages", "grpo_loss", "grpo_steps", "kl_exact", "kl_k3", "load_round_state",
+           "make_batch", "preference_pairs", "process_advantages", "run_rounds", "sample_rollouts",
+           "sequence_logprobs", "sft_steps", "token_advantages", "token_logprobs",
+           "verified_chains", "warmup_schedule"]
