@@ -30,7 +30,6 @@ the arrays as .npy files and `BM25Index.load` memory-maps them.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .fileio import write_json
 
 IDF_VARIANTS = ("lucene", "robertson", "atire")
 FORMAT = "minillm-bm25-v1"
@@ -140,9 +140,7 @@ class BM25Index:
             np.save(directory / f"{name}.npy", getattr(self, name))
         meta = {"format": FORMAT, "k1": self.k1, "b": self.b, "idf_variant": self.idf_variant,
                 "tokenizer": self.tokenizer, "num_docs": self.num_docs, "vocab": self.vocab}
-        tmp = directory / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, directory / "meta.json")
+        write_json(directory / "meta.json", meta)
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True,

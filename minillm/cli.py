@@ -5,14 +5,32 @@ call `parse_config(Config)`. A field's help text comes from `field(metadata={"he
 A boolean flag alone means true (`--tiny`); it also takes a value (`--shuffle false`), so that a
 default of True can be turned off.
 List fields take one or more values and may be repeated (`--prompt "a" --prompt "b"`).
+
+Every script's parser is an `ArgumentParser` from here: flags are never abbreviated (argparse's
+default would read `--max-step 5` as `--max-steps 5`), and a bad value or an unknown flag is one
+`error:` line that points to --help, exit status 2, instead of the whole usage text.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser without prefix matching, whose errors are one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _parse_bool(s: str) -> bool:
@@ -50,8 +68,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def _parser(cls, description: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description)
     add_dataclass_arguments(parser, cls)
     return parser
 

@@ -34,8 +34,9 @@ import torch
 from tqdm import tqdm
 
 from .errors import UserError
+from .fileio import atomic_write, write_json
 from .model import IGNORE_INDEX
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 MAGIC = b"MLLMTOKS"
 VERSION = 1
@@ -98,14 +99,12 @@ def open_shard(path: str | Path) -> tuple[ShardHeader, np.ndarray]:
 
 
 def _write_shard(path: Path, tokens: np.ndarray, vocab_size: int, eot_id: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(_HEADER.pack(MAGIC, VERSION, tokens.itemsize, len(tokens), vocab_size, eot_id)
-                .ljust(HEADER_BYTES, b"\0"))
-        f.write(tokens.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, VERSION, tokens.itemsize, len(tokens), vocab_size, eot_id)
+                    .ljust(HEADER_BYTES, b"\0"))
+            f.write(tokens.tobytes())
+    atomic_write(path, write)
 
 
 class ShardWriter:
@@ -220,9 +219,7 @@ def prepare(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path,
     if meta["splits"]["train"]["tokens"] == 0:
         raise DataError(f"{out_dir}: no training tokens: the input held {index} document(s)"
                         + (f" and all went to validation (val_fraction={val_fraction})" if index else ""))
-    tmp = out_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out_dir / "meta.json")
+    write_json(out_dir / "meta.json", meta, indent=2)
     return meta
 
 
@@ -528,3 +525,77 @@ class MixtureLoader:
         self.set_weights(state["weights"])
         for name, loader in self.loaders.items():
             loader.load_state_dict(state["domains"][name])
+
+
+# --- a run's data, checked before anything is written -------------------------------------------
+
+def check_dataset_folder(path: Path) -> None:
+    """A dataset folder made by prepare_data.py, or a one-line error that says what to do."""
+    if not path.exists():
+        raise DataError(f"data folder {path} does not exist: make it with scripts/prepare_data.py "
+                        "(or pass --data PATH)")
+    if not path.is_dir():
+        raise DataError(f"--data {path} is a file, not a folder: pass a dataset folder made by "
+                        "scripts/prepare_data.py (it holds meta.json, tokenizer.json and the "
+                        "train_*.bin / val_*.bin shards)")
+    if not (path / "meta.json").is_file():
+        raw = [p.name for p in path.iterdir() if p.suffix in (".txt", ".jsonl", ".json", ".md")]
+        hint = (f"it holds raw text ({', '.join(sorted(raw)[:3])}): run scripts/prepare_data.py on "
+                "it first" if raw else "run scripts/prepare_data.py first")
+        raise DataError(f"{path} is not a prepared dataset (no meta.json): {hint}")
+    if not (path / "tokenizer.json").is_file():
+        raise DataError(f"{path}: no tokenizer.json beside the shards (was prepare_data.py "
+                        "interrupted?)")
+
+
+def build_mixture(specs: list[str], block_size: int, batch_size: int, seed: int, rank: int,
+                  world_size: int, device, with_validation: bool):
+    """(MixtureLoader, tokenizer, {domain: validation TokenDataset}) for the domains of `specs`
+    (`parse_domains`), checked up front: dataset folders made by prepare_data.py, one tokenizer
+    for all domains, shards within its vocabulary, at least one batch of training windows per
+    process and (`with_validation`) one validation window."""
+    tokenizer, loaders, weights, val = None, {}, {}, {}
+    for name, (path, weight) in parse_domains(specs).items():
+        check_dataset_folder(Path(path))
+        tok = load_tokenizer(Path(path) / "tokenizer.json")
+        if tokenizer is None:
+            tokenizer, first = tok, path
+        elif tok.to_dict() != tokenizer.to_dict():
+            raise UserError(f"{path} was tokenized with another tokenizer than {first}: "
+                            "all domains must share one")
+        loaders[name] = TokenLoader(TokenDataset(path, "train", vocab_size=tok.vocab_size),
+                                    block_size, batch_size, seed=seed, rank=rank,
+                                    world_size=world_size, device=device)
+        if loaders[name].windows_per_rank < batch_size:
+            raise DataError(f"{path}: the train split gives {loaders[name].windows_per_rank} "
+                            f"window(s) of {block_size + 1} tokens per process, fewer than "
+                            f"--batch-size {batch_size}")
+        if with_validation:
+            try:
+                val[name] = TokenDataset(path, "val", vocab_size=tok.vocab_size)
+                next(eval_batches(val[name], block_size, 1, max_windows=1, rank=0, world_size=1))
+            except DataError as e:
+                raise DataError(f"{e}; evaluating (--eval-interval) needs a validation split: "
+                                "prepare the data with --val-fraction > 0, or pass "
+                                "--eval-interval 0") from None
+        weights[name] = weight
+    return MixtureLoader(loaders, weights, batch_size, seed=seed), tokenizer, val
+
+
+def check_data_source(source, tokenizer, block_size: int, rank: int, world_size: int,
+                      eval_interval: int) -> None:
+    """A caller's batch source for the trainer (e.g. minillm.sft.PackedLoader): it must come with
+    its tokenizer, agree with the run's block size and process layout, and, when the run
+    evaluates, yield a validation batch now rather than fail at the first evaluation."""
+    if tokenizer is None:
+        raise UserError("Trainer(data_source=...) needs the tokenizer of its tokens")
+    if eval_interval and not hasattr(source, "eval_batches"):
+        raise UserError(f"--eval-interval {eval_interval}: the data source has no eval_batches; "
+                        "pass --eval-interval 0")
+    for name, mine in (("block_size", block_size), ("rank", rank), ("world_size", world_size)):
+        theirs = getattr(source, name, mine)
+        if theirs != mine:
+            raise UserError(f"the data source has {name} {theirs}, the run {mine}: build it "
+                            f"with the run's {name}")
+    if eval_interval:
+        next(iter(source.eval_batches(1, 0, 1)))

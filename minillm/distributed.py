@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import expert_parallel
 from .errors import UserError
 
 
@@ -61,8 +62,11 @@ def setup(device: str = "auto") -> DistInfo:
 
 
 def cleanup() -> None:
-    """Wait for every rank, then tear the process group down (a rank that leaves while another is
-    still talking to it can abort the other's communication threads)."""
+    """Wait for every rank, drop the references that MoE layers and trainers hold to expert-parallel
+    groups, then tear the process groups down (a rank that leaves while another is still talking
+    to it can abort the other's communication threads, and a group finalised after teardown can
+    abort the process)."""
     if dist.is_initialized():
         dist.barrier()
+        expert_parallel.release_groups()
         dist.destroy_process_group()

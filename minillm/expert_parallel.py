@@ -4,7 +4,8 @@ The layer is `minillm.moe.MoE` itself: given a process group (`MoE(d, cfg, ep_gr
 `moe.shard_experts(g)`), rank r of P keeps experts [r * E/P, (r + 1) * E/P), routes its own tokens
 with the replicated router (capacity over its own tokens), runs the same plan transforms, and sends
 its (E, C, d) dispatch buffer to the experts' owners with `all_to_all` below. This file holds what
-the layer and the trainer need from torch.distributed, and imports nothing from minillm:
+the layer and the trainer need from torch.distributed, and imports nothing from minillm but its
+error type:
 
 - `all_to_all`: an autograd all-to-all with equal splits (its backward is the same exchange);
 - `make_groups`: expert-parallel groups of N consecutive ranks, and the data-parallel groups that
@@ -23,9 +24,13 @@ through `sharded_parameters()` ({name: parameter}).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .errors import UserError
 
 
 class _AllToAll(torch.autograd.Function):
@@ -60,6 +65,30 @@ def max_over(value: int, group, device: torch.device) -> int:
 
 # --- groups -----------------------------------------------------------------------------------------
 
+# Objects holding a process group made here, as (object, attribute) pairs, weakly: `release_groups`
+# (called by minillm.distributed.cleanup) drops those references before the groups are destroyed,
+# so that Python never finalises a gloo group at interpreter exit, after torch.distributed is gone
+# (which can abort the process after a finished run).
+_HOLDERS: list[tuple[weakref.ref, str]] = []
+
+
+def hold(obj, attribute: str) -> None:
+    """Remember that `obj.<attribute>` holds a process group (released by `release_groups`)."""
+    _HOLDERS.append((weakref.ref(obj), attribute))
+
+
+def release_groups() -> None:
+    """Drop every held reference to a process group (`release_group()` where the object has one)."""
+    for ref, attribute in _HOLDERS:
+        obj = ref()
+        if obj is not None:
+            if hasattr(obj, "release_group"):
+                obj.release_group()
+            else:
+                setattr(obj, attribute, None)
+    _HOLDERS.clear()
+
+
 def make_groups(ep_size: int):
     """(expert-parallel group, expert data-parallel group) of this rank. World = ep_size * D:
     ranks [g * ep_size, (g + 1) * ep_size) shard the experts between them; ranks r, r + ep_size, ...
@@ -79,6 +108,31 @@ def make_groups(ep_size: int):
             if rank in ranks:
                 dp_group = group
     return ep_group, dp_group
+
+
+def shard_model(model: nn.Module, ep_size: int, world_size: int):
+    """(sharded parameters {name: parameter}, expert-parallel group, expert data-parallel group)
+    after sharding every MoE layer of `model` over groups of `ep_size` consecutive ranks (ranks
+    r, r + ep_size, ... hold the same experts and average their gradients); ({}, None, None) when
+    `ep_size` is 1. MoE layers are found by duck typing (`shard_experts`), so this module needs
+    no import of minillm.moe."""
+    if ep_size == 1:
+        return {}, None, None
+    if world_size % ep_size or world_size < ep_size:
+        raise UserError(f"--expert-parallel {ep_size}: the {world_size} process(es) do not split "
+                        f"into groups of {ep_size} (launch with torchrun --nproc_per_node)")
+    layers = [m for m in model.modules() if hasattr(m, "shard_experts")]
+    if not layers:
+        raise UserError(f"--expert-parallel {ep_size}: the model has no MoE layer (pass --moe-experts)")
+    for moe in layers:
+        if moe.cfg.num_experts % ep_size:
+            raise UserError(f"--expert-parallel {ep_size}: an MoE layer has {moe.cfg.num_experts} "
+                            "experts, which do not split over the group")
+    ep_group, dp_group = make_groups(ep_size)
+    for moe in layers:
+        moe.shard_experts(ep_group)
+        moe.equal_tokens_across_ranks = True  # the trainer's micro-batches have one shape
+    return sharded_parameters(model), ep_group, dp_group
 
 
 # --- gradients --------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .model import GPT, DenseFFN, ModelConfig, load_torch_file, rope_inv_freq
-from .tokenizer import GPT2_PATTERN, SentencePieceTokenizer, Tokenizer
+from .fileio import atomic_write
+from .model import GPT, DenseFFN, ModelConfig, rope_inv_freq
+from .checkpoint import load_torch_file
+from .tokenizer import GPT2_PATTERN, SentencePieceTokenizer, Tokenizer, read_json, tokenizer_from_dict
 
 CONFIG = "config.json"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -358,12 +360,12 @@ def special_token_ids(tok) -> dict[str, int | None]:
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the library writes mode 0600; give it an ordinary file's mode
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the library writes mode 0600; give it an ordinary file's mode
+    atomic_write(path, write)
 
 
 def save_hf(model: GPT, folder: str | Path, dtype: torch.dtype | None = None,
@@ -524,6 +526,20 @@ def _sentencepiece_style(d: dict) -> bool:
     spaces become '\u2581' in its pre-tokenizer (Metaspace) or its normalizer."""
     steps = json.dumps([d.get("pre_tokenizer"), d.get("normalizer")], ensure_ascii=False)
     return "Metaspace" in steps or "\u2581" in steps
+
+
+def load_any_tokenizer(path: str | Path):
+    """Any tokenizer minillm reads: a file minillm wrote (`Tokenizer.save`, also for a converted
+    SentencePiece model), or a Hugging Face model folder, `tokenizer.json` or SentencePiece
+    `tokenizer.model`. It lives here, not in tokenizer.py, because it reads Hugging Face's formats
+    too; tokenizer.py knows only minillm's own."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".model":
+        return load_hf_tokenizer(path)
+    d = read_json(path)
+    if isinstance(d, dict) and "format" not in d and "model" in d:  # a Hugging Face tokenizer.json
+        return tokenizer_from_hf_json(path)
+    return tokenizer_from_dict(d, source=str(path))
 
 
 def load_hf_tokenizer(path: str | Path):

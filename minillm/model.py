@@ -25,18 +25,15 @@ Extension points, so that methods never patch internals:
 from __future__ import annotations
 
 import math
-import os
-import pickle
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .activations import ACTIVATIONS
 from .errors import UserError
 from .moe import Experts, MoE, active_matmul_params, moe_from_spec, moe_spec
-from .tokenizer import Tokenizer, tokenizer_from_dict
 
 IGNORE_INDEX = -100
 
@@ -268,14 +265,6 @@ class Attention(nn.Module):
         return self.wo(y_BHTD.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
-ACTIVATIONS = {
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "swiglu": F.silu,  # applied to the gate, then multiplied by the up projection
-}
-
-
 class DenseFFN(nn.Module):
     """Position-wise FFN: down(act(up(x))) or, for SwiGLU, down(silu(gate(x)) * up(x))."""
 
@@ -470,60 +459,5 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
 
 
-# --- self-contained checkpoints ----------------------------------------------------------------------
-
-def save_model(path, model: GPT, tokenizer: Tokenizer | None = None, extra: dict | None = None) -> None:
-    """Weights, config and (optionally) the tokenizer in one file, written atomically."""
-    blob = {"format": "minillm.model", "version": 1, "config": model.describe().to_dict(),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
-            "extra": extra or {}}
-    tmp = f"{path}.tmp"
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-
-
-def load_torch_file(path, map_location="cpu", expected: str = "a minillm checkpoint", mmap=False):
-    """`torch.load` with `weights_only=True` (tensors and plain data, never code). `mmap` maps zip
-    files; pre-zip files (`_use_new_zipfile_serialization=False`) cannot be mapped and are read
-    whole. A file that is not such a checkpoint is a `UserError` naming the file and `expected`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found (expected {expected})")
-    with open(path, "rb") as f:
-        start = f.read(4)
-    zipped = start == b"PK\x03\x04"  # torch.save's zip archive
-    pickled = start[:1] == b"\x80"  # a pickle's protocol opcode starts pre-zip files
-    if not zipped and not pickled:
-        raise UserError(f"{path}: not a PyTorch file (neither a zip archive nor a pickle); "
-                        f"expected {expected}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipped)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: holds Python objects other than tensors and plain data, which "
-                        f"minillm does not load; expected {expected}") from None
-    except (RuntimeError, EOFError, KeyError, ValueError) as e:
-        reason = str(e).split(". ")[0] or type(e).__name__
-        raise UserError(f"{path}: a damaged or truncated PyTorch file ({reason}); "
-                        f"expected {expected}") from None
-
-
-def load_model(path, device="cpu"):
-    """(model, tokenizer or None, extra) from a file written by `save_model`, or from a training
-    checkpoint (`ckpt_*.pt`). Loaded with `weights_only=True`: tensors and plain data, never code."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
-    what = "a minillm model (save_model) or training checkpoint (ckpt_*.pt)"
-    blob = load_torch_file(path, map_location=device, expected=what)
-    fmt = blob.get("format") if isinstance(blob, dict) else None
-    if fmt not in ("minillm.model", "minillm.train"):
-        raise UserError(f"{path}: a PyTorch file, but not {what}")
-    config = blob["config"] if fmt == "minillm.model" else blob["model_config"]
-    model = GPT(ModelConfig(**config)).to(device)
-    model.load_state_dict(blob["model"])
-    tok = blob.get("tokenizer")
-    return model, (tokenizer_from_dict(tok, source=str(path)) if tok else None), blob.get("extra", {})
-
-
 __all__ = ["ModelConfig", "PRESETS", "preset", "Masks", "ModelOutput", "Norm", "Attention",
-           "DenseFFN", "Block", "GPT", "KVCache", "save_model", "load_model", "load_torch_file"]
+           "DenseFFN", "Block", "GPT", "KVCache"]

@@ -38,6 +38,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import expert_parallel, moe_kernels
+from .activations import ACTIVATIONS
+from .errors import UserError
 from .expert_parallel import all_to_all, max_over
 
 
@@ -114,11 +117,9 @@ def assign_slots(expert_N: torch.Tensor, priority_N: torch.Tensor, num_experts: 
     order); -1 beyond `capacity`. On a GPU with CuPy the routing-metadata kernel does the
     counting (minillm/moe_kernels.py), with the same result."""
     order = torch.argsort(priority_N, stable=True)
-    if expert_N.is_cuda:
-        from . import moe_kernels
-        if moe_kernels.enabled():
-            return moe_kernels.slots(order, expert_N, torch.zeros_like(expert_N), num_experts,
-                                     capacity)[0]
+    if expert_N.is_cuda and moe_kernels.enabled():
+        return moe_kernels.slots(order, expert_N, torch.zeros_like(expert_N), num_experts,
+                                 capacity)[0]
     by_expert = torch.argsort(expert_N[order], stable=True)
     sorted_idx = order[by_expert]  # entries grouped by expert, in priority order within a group
     counts_E = torch.bincount(expert_N, minlength=num_experts)
@@ -227,8 +228,6 @@ class Experts(nn.Module):
                                              requires_grad=p.requires_grad))
 
     def forward(self, x_ECd: torch.Tensor) -> torch.Tensor:
-        from .model import ACTIVATIONS
-
         h_ECF = torch.bmm(x_ECd, self.w_up)
         if self.b_up is not None:
             h_ECF = h_ECF + self.b_up
@@ -278,12 +277,25 @@ def routing_stats(plan: RoutingPlan, num_tokens: int) -> dict[str, torch.Tensor]
 
 def _dispatch_combine(x_Td: torch.Tensor, plan: RoutingPlan):
     """The CUDA kernels (minillm/moe_kernels.py) when enabled and available, else the reference
-    (`available()` logs once why the kernels are missing)."""
-    if x_Td.is_cuda:
-        from . import moe_kernels
-        if moe_kernels.enabled():  # (other dtypes fall back to the reference inside)
-            return moe_kernels.dispatch_combine_fns(plan, x_Td.shape[0])
-    return (lambda x: dispatch(x, plan)), (lambda out: combine(out, plan, x_Td.shape[0]))
+    (`available()` logs once why the kernels are missing). The kernels take fp32 and bf16; a
+    tensor of another dtype (e.g. fp16 under autocast) takes the reference path, per call."""
+    T = x_Td.shape[0]
+
+    def reference_dispatch(x):
+        return dispatch(x, plan)
+
+    def reference_combine(out):
+        return combine(out, plan, T)
+    if not (x_Td.is_cuda and moe_kernels.enabled()):
+        return reference_dispatch, reference_combine
+    kernel_dispatch, kernel_combine = moe_kernels.dispatch_combine_fns(plan, T)
+
+    def dispatch_fn(x):
+        return (kernel_dispatch if x.dtype in moe_kernels.SUPPORTED else reference_dispatch)(x)
+
+    def combine_fn(out):
+        return (kernel_combine if out.dtype in moe_kernels.SUPPORTED else reference_combine)(out)
+    return dispatch_fn, combine_fn
 
 
 def outside_output(x_Td: torch.Tensor, plan: RoutingPlan, experts: "Experts",
@@ -327,7 +339,10 @@ class MoE(nn.Module):
     buffer crosses ranks with one all-to-all each way (equal splits: no sizes to exchange). So a
     rank computes what one process computes for that rank's tokens alone. Entries computed outside
     the buffer stay on their token's rank and must name one of its experts (Intra-GPU
-    Rectification chooses them there)."""
+    Rectification chooses them there). Agreeing on C costs an all-reduce (and a host sync) per
+    layer per forward; `equal_tokens_across_ranks = True` (the trainer sets it: every rank's
+    micro-batch has one shape) skips it in training with a fixed capacity, where C depends on
+    the token count alone. `minillm.distributed.cleanup` releases the group (`release_group`)."""
 
     def __init__(self, d: int, cfg: MoEConfig, plan_transforms=(), ep_group=None):
         super().__init__()
@@ -338,6 +353,7 @@ class MoE(nn.Module):
         self.output_bias: nn.Parameter | None = None
         self.stats: dict = {}
         self.ep_group, self.ep_rank, self.ep_size = None, 0, 1
+        self.equal_tokens_across_ranks = False
         if ep_group is not None:
             self.shard_experts(ep_group)
 
@@ -357,6 +373,12 @@ class MoE(nn.Module):
         per = self.cfg.num_experts // size
         self.experts.keep(slice(rank * per, (rank + 1) * per))
         self.ep_group, self.ep_rank, self.ep_size = group, rank, size
+        expert_parallel.hold(self, "ep_group")  # released by minillm.distributed.cleanup
+
+    def release_group(self) -> None:
+        """Drop the reference to the process group (after training): the sharded layer no longer
+        runs, and Python never finalises the group after torch.distributed is torn down."""
+        self.ep_group = None
 
     def sharded_parameters(self) -> dict[str, nn.Parameter]:
         """{name: parameter} of the parameters that differ between the ranks of `ep_group` (this
@@ -391,7 +413,11 @@ class MoE(nn.Module):
         if not dropless:
             for transform in self.plan_transforms:
                 plan = transform(plan)
-        if self.ep_group is not None:  # one buffer size for the group (more padding, same slots)
+        if self.ep_size > 1 and self.ep_group is None:
+            raise RuntimeError("this MoE layer's experts are sharded, but its process group was "
+                               "released (distributed.cleanup): it cannot run any more")
+        same_capacity = self.training and not dropless and self.equal_tokens_across_ranks
+        if self.ep_group is not None and not same_capacity:  # one buffer size for the group
             plan = dataclasses.replace(plan, capacity=max_over(plan.capacity, self.ep_group,
                                                                x_Td.device))
         dispatch_fn, combine_fn = _dispatch_combine(x_Td, plan)
@@ -411,8 +437,10 @@ def replace_ffns_with_moe(model: nn.Module, cfg: MoEConfig, layers=None, **moe_k
     initialised `MoE` (random experts; to split a trained dense FFN instead, see minillm/moefy.py).
     Expert down projections are scaled by 1/sqrt(2 n_layer) like the dense FFN's (GPT-2's residual
     projections, minillm.model.GPT._init_weights), so that dense and MoE models start alike."""
-    d = model.config.n_embd
-    layers = range(1, model.config.n_layer, 2) if layers is None else layers
+    d, n_layer = model.config.n_embd, model.config.n_layer
+    layers = list(range(1, n_layer, 2) if layers is None else layers)
+    if not layers or not all(0 <= i < n_layer for i in layers):
+        raise UserError(f"MoE layers {layers} (--moe-layers): the model has layers 0 to {n_layer - 1}")
     for i in layers:
         device = next(model.blocks[i].parameters()).device
         moe = MoE(d, cfg, **moe_kwargs).to(device)

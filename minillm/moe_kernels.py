@@ -24,7 +24,20 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(str(importlib.resources.files("minillm.cuda") / "moe.cu"))
+
+
+def _source() -> Path:
+    """moe.cu: inside the installed package (setup.cfg ships the top-level cuda/ folder as
+    minillm/cuda in a wheel), or, in a source checkout (an editable install), the top-level cuda/
+    beside minillm/. cuda/ holds no __init__.py: a top-level package named `cuda` would shadow
+    NVIDIA's `cuda` namespace package that CuPy imports."""
+    installed = importlib.resources.files("minillm") / "cuda" / "moe.cu"
+    if installed.is_file():
+        return Path(str(installed))
+    return Path(__file__).resolve().parents[1] / "cuda" / "moe.cu"
+
+
+SOURCE = _source()
 KERNELS = ("moe_slots", "moe_dispatch_f32", "moe_dispatch_bf16", "moe_combine_f32",
            "moe_combine_bf16", "moe_weight_grad_f32", "moe_weight_grad_bf16")
 THREADS = 256
@@ -232,9 +245,8 @@ SUPPORTED = (torch.float32, torch.bfloat16)
 
 def dispatch_combine_fns(plan, num_tokens: int):
     """Closures (dispatch(x) -> (E, C, d), combine(out) -> (T, d)) on the kernels for the kept
-    entries of `plan`, equal to minillm.moe.dispatch / combine on them."""
-    from .moe import combine as reference_combine, dispatch as reference_dispatch
-
+    entries of `plan`, equal to minillm.moe.dispatch / combine on them, for tensors of a
+    `SUPPORTED` dtype (minillm.moe sends other dtypes to its reference path)."""
     kept = plan.kept
     E, C = plan.num_experts, plan.capacity
     tokens = plan.token[kept]
@@ -246,13 +258,9 @@ def dispatch_combine_fns(plan, num_tokens: int):
     order, offsets = csr_by_token(tokens, num_tokens)
 
     def dispatch(x_Td):
-        if x_Td.dtype not in SUPPORTED:  # e.g. fp16 autocast: the reference path
-            return reference_dispatch(x_Td, plan)
         return Dispatch.apply(x_Td, row_token, rows[order], offsets).view(E, C, -1)
 
     def combine(out_ECd):
-        if out_ECd.dtype not in SUPPORTED:
-            return reference_combine(out_ECd, plan, num_tokens)
         return Combine.apply(out_ECd.reshape(E * C, -1), plan.weight[kept], rows, tokens, order,
                              offsets, row_entry)
     return dispatch, combine

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .model import DenseFFN
+from .model import DenseFFN, ModelConfig
 from .moe import MoE, MoEConfig
 
 
@@ -152,7 +152,6 @@ def centroid_router(w_in_FD: torch.Tensor, labels: torch.Tensor, num_experts: in
 def merge_moe(moe: MoE, activation: str | None = None) -> DenseFFN:
     """The dense FFN of an MoE's experts, in the original unit order when the MoE came from
     `moefy_ffn` (equal to the FFN it was split from)."""
-    from .model import ModelConfig
 
     E, d, per = moe.experts.w_up.shape
     cfg = ModelConfig(n_embd=d, n_head=1, ffn_hidden=E * per, activation=activation or moe.cfg.activation,

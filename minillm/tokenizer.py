@@ -30,6 +30,9 @@ from pathlib import Path
 import regex
 import tiktoken
 
+from .errors import UserError
+from .fileio import write_json
+
 # GPT-2's split pattern (contractions, letter runs, number runs, punctuation runs, whitespace).
 GPT2_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -155,12 +158,12 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer to one JSON file, atomically (temporary file, then rename)."""
-        _write_json(path, self.to_dict())
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         """Read a file written by `save`."""
-        return cls.from_dict(_read_json(path), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     @classmethod
     def from_tiktoken(cls, name: str) -> "Tokenizer":
@@ -189,14 +192,8 @@ class Tokenizer:
                 f"special_tokens={sorted(self.special_tokens)})")
 
 
-def _write_json(path: str | os.PathLike, d: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(d))
-    os.replace(tmp, path)
-
-
-def _read_json(path: str | os.PathLike):
+def read_json(path: str | os.PathLike):
+    """The JSON object in a tokenizer file; FileNotFoundError / ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
@@ -388,7 +385,7 @@ class SentencePieceTokenizer:
                 "model": base64.b64encode(self.model_proto).decode("ascii")}
 
     def save(self, path: str | os.PathLike) -> None:
-        _write_json(path, self.to_dict())
+        write_json(path, self.to_dict())
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
@@ -402,22 +399,19 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """A tokenizer file minillm wrote (`Tokenizer.save`, `SentencePieceTokenizer.save`). Hugging
+    Face folders and files are read by `minillm.hf.load_any_tokenizer`, which reads these too."""
+    d = read_json(path)
+    if isinstance(d, dict) and "format" not in d and "model" in d:
+        raise UserError(f"{path}: a Hugging Face tokenizer.json; load it with "
+                        "minillm.hf.load_any_tokenizer")
+    return tokenizer_from_dict(d, source=str(path))
+
+
 def tokenizer_from_dict(d: dict, source: str = "<dict>"):
     """A `Tokenizer` or `SentencePieceTokenizer` from its `to_dict` form."""
     if isinstance(d, dict) and d.get("format") == SPM_FORMAT:
         return SentencePieceTokenizer(base64.b64decode(d["model"]), name=d.get("name", "sentencepiece"))
     return Tokenizer.from_dict(d, source)
 
-
-def load_tokenizer(path: str | os.PathLike):
-    """Any tokenizer minillm reads: a file it wrote (`save`), or a Hugging Face model folder,
-    `tokenizer.json` or SentencePiece `tokenizer.model` (converted by `minillm.hf`)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix == ".model":
-        from .hf import load_hf_tokenizer
-        return load_hf_tokenizer(path)
-    d = _read_json(path)
-    if isinstance(d, dict) and "format" not in d and "model" in d:  # a Hugging Face tokenizer.json
-        from .hf import tokenizer_from_hf_json
-        return tokenizer_from_hf_json(path)
-    return tokenizer_from_dict(d, source=str(path))

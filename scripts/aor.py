@@ -24,7 +24,6 @@
 """
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,7 +34,8 @@ from minillm.methods.aor import (AoRConfig, ConstantJudge, NoisyOracleJudge, ORM
                                  aggregate, bucket_by_answer, majority_vote, pool_sampler)
 from minillm.cli import given_fields, parse_config
 from minillm.errors import UserError, run_main
-from minillm.model import load_model
+from minillm.fileio import write_json
+from minillm.checkpoint import load_model
 from minillm.methods.o1 import (OutcomeRewardModel, Policy, PolicyConfig, outcome_examples,
                                 sample, train_policy, train_reward_model)
 from minillm.tasks import (Arithmetic, Problem, check, extract_answer, prompt,
@@ -103,13 +103,6 @@ def check_config(cfg: AoRScriptConfig) -> AoRConfig:
                          cfg.representatives, cfg.score_threshold, cfg.margin_threshold)
     except ValueError as e:
         raise UserError(f"AoR settings: {e}") from None
-
-
-def write_json(path: Path, obj) -> None:
-    """Write atomically: a temporary file, then a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -231,7 +224,7 @@ def load_samples(cfg: AoRScriptConfig, policy, problems: list[Problem], key: dic
     tokens = sum(c.completion_tokens or 0 for row in outs for c in row)
     print(f"sampled {cfg.max_samples} chains for each of {len(problems)} questions "
           f"({tokens} tokens) in {time.time() - start:.0f} s")
-    write_json(path, {"key": key, "chains": chains})
+    write_json(path, {"key": key, "chains": chains}, indent=1)
     return chains
 
 
@@ -283,7 +276,7 @@ def load_orm(cfg: AoRScriptConfig, policy, ops: str, key: dict, out_dir: Path
     orm = train_reward_model(OutcomeRewardModel, policy.model, policy.tokenizer, examples,
                              cfg.orm_steps, seed=cfg.seed, log=None)
     orm.save(path)
-    write_json(meta, key)
+    write_json(meta, key, indent=1)
     print(f"trained the ORM ({cfg.orm_steps} steps) in {time.time() - start:.0f} s")
     return orm
 
@@ -394,7 +387,7 @@ def main(argv=None):
                              for p, k in zip(problems, kinds)],
                "rows": {name: s for name, s in rows}, "orm_auc": orm_auc,
                "seconds": time.time() - start}
-    write_json(out_dir / "results.json", results)
+    write_json(out_dir / "results.json", results, indent=1)
     print(f"\nwrote {out_dir / 'results.json'} ({time.time() - start:.0f} s)")
 
 

@@ -18,7 +18,7 @@ import torch
 from minillm.cli import parse_config
 from minillm.errors import UserError, run_main
 from minillm.hf import load_hf, load_hf_tokenizer, save_hf
-from minillm.model import load_model, save_model
+from minillm.checkpoint import load_model, save_model
 
 DTYPES = ("float32", "bfloat16", "float16")
 

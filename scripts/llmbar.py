@@ -31,7 +31,7 @@ from minillm.errors import UserError, run_main
 from minillm.generate import LocalLM
 from minillm.methods.llmbar import (LMEvaluator, Strategy, constructed_set, format_report,
                                     load_folder, meta_evaluate, write_folder)
-from minillm.model import load_model, save_model
+from minillm.checkpoint import load_model, save_model
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer
 

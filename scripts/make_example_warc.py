@@ -12,7 +12,6 @@ its `request` record, as crawlers write them. With `--shards N` the pages are de
 N files named like `--out` with `-00000` ... before the suffix. Needs warcio (`.[data]`).
 """
 
-import argparse
 import io
 import random
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
+from minillm.cli import ArgumentParser
 from minillm.errors import UserError, run_main
 
 
@@ -32,7 +32,7 @@ def shard_paths(out: str, shards: int) -> list[Path]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--html", required=True, nargs="+", help="folders of .html files")
     ap.add_argument("--out", required=True, help="WARC file to write (.warc.gz, or .warc uncompressed)")
     ap.add_argument("--max-pages", type=int, default=300, help="0 for all pages")

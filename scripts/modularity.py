@@ -35,13 +35,14 @@ from minillm.cli import parse_config
 from minillm.corpus import stdlib_docstrings
 from minillm.data import prepare
 from minillm.errors import UserError, run_main
-from minillm.hf import load_hf, load_hf_tokenizer
-from minillm.model import load_model, preset
+from minillm.hf import load_hf, load_hf_tokenizer, load_any_tokenizer
+from minillm.model import preset
+from minillm.checkpoint import load_model
 from minillm.methods.modularity import (ProbingSet, collect_activations, emergence,
                                         expert_units, find_functional_experts, function_loss,
                                         modularity_summary, moefication_partitions, predictivity,
                                         random_baseline, random_units, separation, top_units)
-from minillm.tokenizer import load_tokenizer, train_bpe
+from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer
 
 
@@ -286,7 +287,7 @@ def train_planted(cfg: ModularityConfig, out: Path):
                             log_interval=max(cfg.steps // 6, 1), seed=cfg.seed, overwrite=True,
                             progress=False)
     dist = distributed.setup("auto")
-    vocab_size = load_tokenizer(data / "tokenizer.json").vocab_size
+    vocab_size = load_any_tokenizer(data / "tokenizer.json").vocab_size
     model_cfg = preset("tiny-gpt", vocab_size=vocab_size, block_size=cfg.block_size,
                        n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=4, activation="relu", init_std=cfg.init_std)
     trainer = Trainer(train_cfg, dist, model_config=model_cfg)

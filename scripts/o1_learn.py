@@ -29,7 +29,6 @@ resumes at the round it was in); the table is printed and written to `OUT_DIR/re
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from minillm.cli import parse_config
+from minillm.fileio import write_json
 from minillm.errors import UserError, run_main
 from minillm.methods.o1 import (OutcomeRewardModel, PolicyConfig, ProcessRewardModel, canonical,
                                 policy_problems, process_examples, task_problems, train_orm, train_policy,
@@ -127,14 +127,8 @@ def reward_model(kind: str, cfg: O1LearnConfig, policy, questions, out: Path):
         rm = train_orm(policy.model, policy.tokenizer, problems, texts, cfg.rm_steps, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     rm.save(path)
-    write_json(stamp, settings)
+    write_json(stamp, settings, indent=1)
     return rm
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def table(results: dict[str, list[dict]], key: str) -> list[str]:
@@ -204,7 +198,7 @@ def main(cfg: O1LearnConfig) -> dict:
                                      log=lambda s: print(s, flush=True))
     seconds = time.perf_counter() - t0
     summary = {"config": dataclasses.asdict(cfg), "results": results, "seconds": round(seconds, 1)}
-    write_json(out / "results.json", summary)
+    write_json(out / "results.json", summary, indent=1)
     for name in eval_sets:
         print(f"\ngreedy accuracy on held-out {name} problems ({len(eval_sets[name])}), per round:")
         print("\n".join(table(results, f"acc/{name}")))

@@ -5,15 +5,15 @@
 Needs matplotlib (`pip install -e ".[plot]"`); without it, prints the losses as a table.
 """
 
-import argparse
 from pathlib import Path
 
+from minillm.cli import ArgumentParser
 from minillm.errors import run_main
 from minillm.plotting import loss_table, plot_metrics, read_metrics
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("metrics", help="metrics.jsonl written by the trainer")
     ap.add_argument("--out", help="PNG file (default: loss.png beside the metrics file)")
     args = ap.parse_args(argv)

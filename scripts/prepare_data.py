@@ -18,7 +18,8 @@ from minillm.cli import parse_config
 from minillm.errors import UserError, run_main
 from minillm.corpus import read_documents
 from minillm.data import prepare
-from minillm.tokenizer import EOT, PATTERNS, load_tokenizer, train_bpe
+from minillm.hf import load_any_tokenizer
+from minillm.tokenizer import EOT, PATTERNS, train_bpe
 
 
 @dataclass
@@ -49,7 +50,7 @@ def main():
             return
     t0 = time.perf_counter()
     if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = load_any_tokenizer(cfg.tokenizer)
     else:
         if cfg.pattern not in PATTERNS:
             raise UserError(f"--pattern must be one of {sorted(PATTERNS)}, got {cfg.pattern!r}")

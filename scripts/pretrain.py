@@ -20,7 +20,8 @@ from minillm import distributed
 from minillm.cli import given_fields, parse_config
 from minillm.errors import run_main
 from minillm.methods.rectify_router import FillInRectification, IntraGPURectification
-from minillm.train import TrainConfig, Trainer, resume_config
+from minillm.train import TrainConfig, Trainer
+from minillm.checkpoint import resume_config
 
 
 def plan_transforms(cfg: TrainConfig) -> list:

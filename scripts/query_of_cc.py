@@ -10,7 +10,6 @@ the paper's LM-driven one.
     python scripts/query_of_cc.py [--out out/query_of_cc] [--rounds 3] [--k 10] [--corpus stdlib]
 """
 
-import argparse
 import json
 import time
 from dataclasses import fields
@@ -18,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from minillm.cli import ArgumentParser
 from minillm.bm25 import BM25Index
 from minillm.errors import UserError, run_main
 from minillm.methods.query_of_cc import (Config, LMExpander, PRFExpander, bootstrap, kjv_verses,
                                          precision_recall, random_queries, retrieve, stdlib_families,
                                          write_corpus)
-from minillm.tokenizer import load_tokenizer, train_bpe
+from minillm.hf import load_any_tokenizer
+from minillm.tokenizer import train_bpe
 
 SEEDS = {
     "stdlib": {
@@ -55,7 +56,7 @@ def load_lm(args):
         from minillm.backends import OpenAIClient
         return OpenAIClient(args.http_url, args.http_model)
     from minillm.generate import LocalLM
-    from minillm.model import load_model
+    from minillm.checkpoint import load_model
     model, tokenizer, _ = load_model(args.checkpoint)
     if tokenizer is None:
         raise UserError(f"{args.checkpoint} carries no tokenizer")
@@ -84,7 +85,7 @@ def evaluate(index, labels, seeds, result, config, rng):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/query_of_cc")
     p.add_argument("--corpus", choices=["stdlib", "kjv"], default="stdlib")
     p.add_argument("--max-docs", type=int, default=None, help="first N documents only (tiny runs)")
@@ -108,7 +109,7 @@ def main(argv=None):
     result = bootstrap(index, seeds, expander, config)
     rows = evaluate(index, labels, seeds, result, config, np.random.default_rng(config.seed + 1))
     kept = [" ".join(q for q in result.pools[d]) for d in seeds]
-    tokenizer = (load_tokenizer(args.tokenizer) if args.tokenizer
+    tokenizer = (load_any_tokenizer(args.tokenizer) if args.tokenizer
                  else train_bpe([docs[i] for d in seeds for i in result.cumulative(d, config.rounds)] or kept, 512))
     counts = write_corpus(args.out, docs, result, tokenizer, labels, config.dedup_threshold)
     with open(Path(args.out) / "queries.json", "w") as f:

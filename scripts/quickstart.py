@@ -20,7 +20,7 @@ from minillm.errors import run_main
 from minillm.corpus import stdlib_docstrings
 from minillm.data import prepare
 from minillm.generate import LocalLM
-from minillm.model import save_model
+from minillm.checkpoint import save_model
 from minillm.plotting import loss_table, plot_metrics, read_metrics
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer

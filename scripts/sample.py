@@ -16,7 +16,7 @@ import torch
 from minillm.cli import parse_config
 from minillm.errors import UserError, run_main
 from minillm.generate import LocalLM
-from minillm.model import load_model
+from minillm.checkpoint import load_model
 
 
 @dataclass

@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 from minillm import distributed
+from minillm.checkpoint import load_model, save_model
 from minillm.cli import parse_config
 from minillm.corpus import stdlib_docstrings
 from minillm.data import TokenDataset, parse_domains, prepare
 from minillm.errors import UserError, run_main
 from minillm.evaluate import evaluate_loss
-from minillm.model import GPT, ModelConfig, load_model, preset, save_model
+from minillm.model import GPT, ModelConfig, preset
 from minillm.methods.sheared import (KINDS, DynamicBatchLoading, PruningSchedule, ShearingMasks,
                                      TargetShape, compact, load_reference_losses, magnitude_masks)
 from minillm.tokenizer import tokenizer_from_dict, train_bpe

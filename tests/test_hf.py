@@ -228,7 +228,7 @@ def test_sentencepiece_ids_equal_transformers_and_sentencepiece(tmp_path, docs):
     from transformers import LlamaTokenizer
 
     from minillm.hf import load_hf_tokenizer
-    from minillm.tokenizer import load_tokenizer
+    from minillm.hf import load_any_tokenizer
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(  # LLaMA-2's settings: identity normalisation, byte fallback
@@ -258,7 +258,7 @@ def test_sentencepiece_ids_equal_transformers_and_sentencepiece(tmp_path, docs):
     tokens = TokenDataset(tmp_path / "data").shards[0]
     assert int((tokens == 2).sum()) == 20  # documents end with </s>
     ours.save(tmp_path / "spm.json")  # the same file / checkpoint route as BPE tokenizers
-    assert load_tokenizer(tmp_path / "spm.json").encode_ordinary(docs[0]) == ours.encode_ordinary(docs[0])
+    assert load_any_tokenizer(tmp_path / "spm.json").encode_ordinary(docs[0]) == ours.encode_ordinary(docs[0])
 
 
 def test_unsupported_tokenizer_json_is_refused(tmp_path):
@@ -291,7 +291,7 @@ def test_minillm_tokenizer_exports_to_tokenizer_json_with_equal_ids(tmp_path, do
 def test_convert_script_round_trip(tmp_path, docs):
     import importlib.util
 
-    from minillm.model import load_model, save_model
+    from minillm.checkpoint import load_model, save_model
     from minillm.tokenizer import train_bpe
 
     spec = importlib.util.spec_from_file_location("convert", Path(__file__).parents[1] / "scripts" / "convert.py")
@@ -316,7 +316,8 @@ def test_continued_pretraining_from_a_hf_folder(tmp_path, docs):
     from minillm.data import MixtureLoader, TokenDataset, TokenLoader, prepare
     from minillm.distributed import DistInfo
     from minillm.hf import save_hf_tokenizer
-    from minillm.tokenizer import load_tokenizer, train_bpe
+    from minillm.hf import load_any_tokenizer
+    from minillm.tokenizer import train_bpe
     from minillm.train import TrainConfig, Trainer
 
     tok = train_bpe(docs, vocab_size=300)
@@ -324,7 +325,7 @@ def test_continued_pretraining_from_a_hf_folder(tmp_path, docs):
     ref.resize_token_embeddings(tok.vocab_size)
     ref.save_pretrained(tmp_path / "hf")
     save_hf_tokenizer(tok, tmp_path / "hf")
-    prepare(docs, load_tokenizer(tmp_path / "hf"), tmp_path / "data", val_fraction=0.1, progress=False)
+    prepare(docs, load_any_tokenizer(tmp_path / "hf"), tmp_path / "data", val_fraction=0.1, progress=False)
     cfg = TrainConfig(data=[str(tmp_path / "data")], out_dir=str(tmp_path / "run"),
                       init_from=str(tmp_path / "hf"), block_size=32, batch_size=4, max_steps=3,
                       warmup_steps=1, eval_interval=0, ckpt_interval=3, progress=False)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from minillm.errors import UserError, run_main
-from minillm.model import GPT, ModelConfig, load_model, save_model
+from minillm.model import GPT, ModelConfig
+from minillm.checkpoint import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minillm.errors import run_main
-from minillm.model import GPT, ModelConfig, save_model
+from minillm.model import GPT, ModelConfig
+from minillm.checkpoint import save_model
 from minillm.tokenizer import train_bpe
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "llmbar.py"

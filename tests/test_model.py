@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from minillm.model import GPT, Masks, ModelConfig, load_model, preset, save_model, rope_inv_freq
+from minillm.model import GPT, Masks, ModelConfig, preset, rope_inv_freq
+
+from minillm.checkpoint import load_model, save_model
 from minillm.tokenizer import train_bpe
 
 SMALL = {

@@ -19,7 +19,8 @@ from sklearn.metrics import average_precision_score
 
 from minillm.errors import UserError
 from minillm.hf import save_hf, save_hf_tokenizer
-from minillm.model import GPT, ModelConfig, load_model
+from minillm.model import GPT, ModelConfig
+from minillm.checkpoint import load_model
 from minillm.methods.modularity import (ProbingSet, average_precision, collect_activations, emergence,
                                         expert_units, find_functional_experts, function_loss, hypergeom_sf,
                                         match_partition, min_cost_assignment, modularity_summary,

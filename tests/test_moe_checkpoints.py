@@ -13,7 +13,8 @@ from minillm.distributed import DistInfo
 from minillm.errors import UserError
 from minillm.generate import generate_ids
 from minillm.hf import save_hf
-from minillm.model import GPT, load_model, preset, save_model
+from minillm.model import GPT, preset
+from minillm.checkpoint import load_model, save_model
 from minillm.moe import MoE, MoEConfig, active_matmul_params
 from minillm.moefy import merge_moe, moefy_ffn
 from minillm.methods.rectify_router import FillInRectification, IntraGPURectification

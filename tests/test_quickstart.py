@@ -2,7 +2,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from minillm.model import load_model
+from minillm.checkpoint import load_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quickstart.py"
 

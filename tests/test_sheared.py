@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from minillm.checkpoint import load_model
 from minillm.corpus import stdlib_docstrings
 from minillm.data import prepare
 from minillm.distributed import DistInfo
 from minillm.errors import UserError
 from minillm.model import GPT, ModelConfig, preset
-from minillm.methods.sheared import (BETA, DynamicBatchLoading, HardConcrete, PruningSchedule, ShearingMasks,
-                                     TargetShape, check_hf_exportable, compact, dbl_update, keep_top,
-                                     load_reference_losses, magnitude_masks)
+from minillm.methods.sheared import (BETA, DynamicBatchLoading, HardConcrete, PruningSchedule,
+                                     ShearingMasks, TargetShape, check_hf_exportable, compact,
+                                     dbl_update, keep_top, load_reference_losses, magnitude_masks)
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer, make_optimizer
 
@@ -275,7 +276,6 @@ def load_script():
 
 
 def test_the_script_runs_at_a_tiny_size_and_resumes_by_stage(domains, tmp_path, capsys):
-    from minillm.model import load_model
     script = load_script()
     argv = ["--out-dir", str(tmp_path), "--domains", f"a={domains / 'a'}", f"b={domains / 'b'}",
             "--source-steps", "8", "--prune-steps", "6", "--continue-steps", "4", "--seeds", "0",
@@ -320,7 +320,6 @@ def test_the_script_refuses_bad_values_by_name(tmp_path, flag, value, message):
 def test_the_script_prunes_under_fsdp_on_two_processes(domains, tmp_path):
     from pathlib import Path
 
-    from minillm.model import load_model
     from tests.distributed import torchrun
     out = torchrun(Path(__file__).resolve().parents[1] / "scripts" / "sheared.py",
                    "--out-dir", str(tmp_path), "--domains", f"a={domains / 'a'}", f"b={domains / 'b'}",

@@ -15,10 +15,11 @@ from minillm.corpus import stdlib_docstrings
 from minillm.data import prepare
 from minillm.distributed import DistInfo
 from minillm.errors import UserError
-from minillm.model import GPT, DenseFFN, load_model, preset, save_model
+from minillm.model import GPT, DenseFFN, preset
+from minillm.checkpoint import load_model, save_model
 from minillm.moe import MoE
 from minillm.methods.ssd import (SSD, FlopMeter, SSDConfig, adjusted_rand_index, cluster_units,
-                                 router_recall, sparse_ffn, to_dense, to_moe)
+                                 router_recall, sparse_ffn, swap_modules, to_dense, to_moe)
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer
 
@@ -250,7 +251,7 @@ def test_bad_input_is_a_named_error(data_dir, tmp_path):
     with pytest.raises(UserError, match="FSDP"):
         t = trainer(data_dir, tmp_path / "fsdp", max_steps=2)
         t.cfg.fsdp = True
-        t.swap_modules({})
+        swap_modules(t, {})
 
 
 def test_resuming_with_other_ssd_settings_is_refused(data_dir, tmp_path):

@@ -10,9 +10,11 @@ from minillm.corpus import stdlib_docstrings
 from minillm.data import TokenDataset, parse_domains, prepare
 from minillm.distributed import DistInfo
 from minillm.errors import UserError
-from minillm.model import GPT, load_model, preset
+from minillm.model import GPT, preset
+from minillm.checkpoint import load_model
 from minillm.tokenizer import train_bpe
-from minillm.train import PEAK_BF16_FLOPS, TrainConfig, Trainer, latest_checkpoint, lr_at, peak_flops
+from minillm.train import PEAK_BF16_FLOPS, TrainConfig, Trainer, lr_at, peak_flops
+from minillm.checkpoint import latest_checkpoint
 from tests.distributed import torchrun
 
 WORKERS = Path(__file__).parent / "workers"

@@ -17,7 +17,8 @@ from minillm.data import DataError, TokenDataset, eval_batches, prepare
 from minillm.distributed import DistInfo
 from minillm.errors import UserError, run_main
 from minillm.tokenizer import train_bpe
-from minillm.train import TrainConfig, Trainer, checkpoints, peak_flops_of
+from minillm.train import TrainConfig, Trainer, peak_flops_of
+from minillm.checkpoint import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +143,7 @@ def test_resume_takes_the_model_and_settings_from_the_checkpoint(data_dir, tmp_p
     main(["--data", str(data_dir), "--out-dir", str(out), "--preset", "tiny-llama", "--block-size",
           "32", "--batch-size", "4", "--max-steps", "4", "--ckpt-interval", "4", "--eval-interval",
           "0", "--progress", "false"])
-    # exactly as the README writes it: no --preset, and --max-steps may change
+    # exactly as DESIGN.md (Training, resume) writes it: no --preset, and --max-steps may change
     main(["--data", str(data_dir), "--out-dir", str(out), "--resume", "true", "--max-steps", "6"])
     state = torch.load(out / "ckpt_0000006.pt", weights_only=True)
     assert state["model_config"]["norm"] == "rmsnorm" and state["train_config"]["max_steps"] == 6
@@ -302,3 +303,63 @@ def test_peak_flops_match_whole_device_names():
 def test_more_bad_flags(data_dir, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
         Trainer(config(data_dir, tmp_path / "out", **flags), DistInfo())
+
+
+# --- the command line: one line for every mistake (scripts/pretrain.py in a subprocess) -------------
+
+def run_pretrain(args, cwd):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_command_line_mistakes_are_one_error_line_that_changes_nothing(data_dir, tmp_path):
+    small = ["--data", str(data_dir), "--block-size", "32", "--batch-size", "4", "--progress", "false"]
+    out = tmp_path / "run"
+    assert run_pretrain(small + ["--out-dir", str(out), "--max-steps", "2", "--eval-interval", "0",
+                                 "--ckpt-interval", "2"], tmp_path).returncode == 0
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "ckpt_0000004.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "file.txt").write_text("raw text, not a prepared dataset")
+    cases = [
+        (small + ["--out-dir", str(out), "--max-step", "5"], "unrecognized arguments: --max-step 5"),
+        (small + ["--out-dir", str(out), "--max-steps", "abc"], "--max-steps: invalid int value"),
+        (small + ["--out-dir", str(out), "--resume", "maybe"], "--resume: expected true or false"),
+        (small + ["--out-dir", str(out), "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--data", str(tmp_path / "file.txt"), "--out-dir", str(tmp_path / "o")],
+         "is a file, not a folder"),
+        # resuming where every checkpoint is damaged: said first, though the default --data
+        # (data/default, relative to the working directory) does not exist there
+        (["--out-dir", str(corrupt), "--resume", "true"], "no checkpoint that loads"),
+    ]
+    for args, expected in cases:
+        before = snapshot(tmp_path)
+        proc = run_pretrain(args, tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], (args, lines)
+        assert "Traceback" not in proc.stderr and snapshot(tmp_path) == before, args
+
+
+def test_a_diverged_run_is_one_error_line_naming_the_last_good_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_pretrain(["--data", str(data_dir), "--out-dir", str(out), "--block-size", "32",
+                         "--batch-size", "4", "--lr", "1e2", "--warmup-steps", "5", "--max-steps",
+                         "30", "--ckpt-interval", "2", "--eval-interval", "0", "--log-interval", "1",
+                         "--max-skipped-steps", "0", "--progress", "false"], tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "non-finite" in lines[0], lines
+    saved = checkpoints(out)
+    assert (f"last good checkpoint is {saved[-1]}" if saved else "No checkpoint") in lines[0]
+    # the stop writes nothing: no checkpoint and no metrics line for the step that stopped it
+    records = strict_json_lines(out / "metrics.jsonl")
+    assert all(not r.get("skipped_steps") for r in records)
+    last_logged = max(r["step"] for r in records)
+    assert not saved or int(saved[-1].stem[5:]) <= last_logged

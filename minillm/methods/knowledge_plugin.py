@@ -52,7 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..model import GPT, IGNORE_INDEX, load_torch_file
+from ..model import GPT, IGNORE_INDEX
+from ..checkpoint import load_torch_file
 from ..tokenizer import Tokenizer
 
 FILE_FORMAT = "minillm.knowledge"

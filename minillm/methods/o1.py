@@ -48,13 +48,15 @@ import torch.nn.functional as F
 from ..distributed import setup as setup_device
 from ..errors import UserError
 from ..generate import Completion, LanguageModel, LocalLM
-from ..model import GPT, ModelConfig, load_model, load_torch_file, save_model
+from ..model import GPT, ModelConfig
+from ..checkpoint import load_model, load_torch_file, save_model
 from ..sft import PackedLoader, encode_example
 from ..tasks import ANSWER_RE, Arithmetic, Problem, check, extract_answer, prompt, split_steps
 from ..tokenizer import Tokenizer, train_bpe, tokenizer_from_dict
-from ..train import TrainConfig, Trainer, checkpoints, save_checkpoint
+from ..train import TrainConfig, Trainer
 
 # Every digit its own pre-token (a leading space kept with it), so a number is its digits and a
+from ..checkpoint import checkpoints, save_checkpoint
 # column step reads the digits it adds; words and punctuation merge freely.
 ARITHMETIC_PATTERN = r" ?\p{N}| ?[^\s\p{N}]+|\s+"
 

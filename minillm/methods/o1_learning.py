@@ -49,10 +49,11 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..generate import LocalLM
-from ..model import GPT, load_torch_file
+from ..model import GPT
+from ..checkpoint import load_torch_file
 from ..tasks import Problem, check, prompt, split_steps
 from ..tokenizer import Tokenizer
-from ..train import save_checkpoint
+from ..checkpoint import save_checkpoint
 
 STATE_FORMAT = "minillm.methods.o1_learning"
 METHODS = ("expert", "grpo", "dpo", "sft")

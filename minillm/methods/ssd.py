@@ -44,6 +44,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 
 from ..errors import UserError
+from ..train import make_optimizer
 from ..model import GPT, Attention, DenseFFN
 from ..moe import MoE, Experts
 from ..moefy import (balanced_kmeans, clustering_score, dense_to_experts, experts_to_dense,
@@ -252,11 +253,63 @@ class FlopMeter:
         return step
 
 
+# --- swapping modules between steps ---------------------------------------------------------------------
+# SSD replaces submodules between steps (dense FFNs by MoE layers and back). The optimizer is rebuilt
+# for the new parameters and the wrapper (compile, DDP) around the model; AdamW's moments follow the
+# weights through the same `carry` map that moved the weights, so that a swap and its inverse with
+# no step between leave weights and moments bit-identical.
+
+def swap_modules(trainer, swaps: dict) -> None:
+    """Replace submodules of `trainer.model`: {path ("blocks.1.ffn"): (new module, carry)}.
+    `carry` maps the old module's {parameter name: tensor} to the new module's (e.g.
+    `minillm.moefy.dense_to_experts`); it is applied to every per-parameter optimizer tensor
+    (exp_avg, exp_avg_sq), and the step count is copied. Parameters of the new module that `carry`
+    does not produce start with fresh moments; parameters outside the swapped modules keep theirs.
+    Every rank must swap alike at the same step (DDP is rebuilt, which broadcasts rank 0's
+    weights)."""
+    if trainer.cfg.fsdp:
+        raise UserError("swapping modules between steps (SSD's dense <-> sparse switch) is not "
+                        "supported under FSDP (--fsdp): the shards would have to be rebuilt; "
+                        "run with DDP")
+    if trainer.sharded:
+        raise UserError("swapping modules between steps (SSD's dense <-> sparse switch) is not "
+                        "supported with --expert-parallel: run without it")
+    old_state = trainer.optimizer.state
+    carried = {}
+    for path, (module, carry) in swaps.items():
+        parent_path, _, name = path.rpartition(".")
+        parent = trainer.model.get_submodule(parent_path)
+        old_params = dict(getattr(parent, name).named_parameters())
+        states = {n: old_state[p] for n, p in old_params.items() if old_state.get(p)}
+        module = module.to(trainer.device)
+        new_params = dict(module.named_parameters())
+        if states:
+            step = next(iter(states.values())).get("step")
+            keys = {k for s in states.values() for k, v in s.items()
+                    if k != "step" and isinstance(v, torch.Tensor)}
+            per_key = {k: carry({n: s[k] for n, s in states.items() if k in s}) for k in keys}
+            for k, mapped in per_key.items():
+                for n, tensor in mapped.items():
+                    entry = carried.setdefault(new_params[n], {})
+                    entry[k] = tensor.to(trainer.device)
+                    if step is not None:
+                        entry["step"] = step.clone()
+        setattr(parent, name, module)
+    kept = {p: old_state[p] for p in trainer.model.parameters() if p in old_state}
+    trainer.optimizer = make_optimizer(trainer.model, trainer.cfg, trainer.device)
+    for p in trainer.model.parameters():
+        if p in kept:
+            trainer.optimizer.state[p] = kept[p]
+        elif p in carried:
+            trainer.optimizer.state[p] = carried[p]
+    trainer.wrap()
+
+
 # --- the schedule -------------------------------------------------------------------------------------
 
 class SSD:
     """The SSD schedule as a `Trainer` callback (see the module docstring). Switches happen at the
-    start of a step through `Trainer.swap_modules`, carrying AdamW's moments along the unit
+    start of a step through `swap_modules`, carrying AdamW's moments along the unit
     permutation. Its state (phase, clustering, schedule position, counters) is in the trainer's
     checkpoint, so a run killed in either phase resumes exactly."""
 
@@ -385,7 +438,7 @@ class SSD:
                 swaps[f"blocks.{i}.ffn"] = (
                     merge_moe(block.ffn, "relu"),
                     lambda t, perm=block.ffn.unit_permutation: experts_to_dense(t, perm))
-        trainer.swap_modules(swaps)
+        swap_modules(trainer, swaps)
         self._attach(trainer.model)
         self._sparsity = {}
         self.phase, self.phase_start = to, trainer.step

@@ -19,12 +19,12 @@ os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS
 if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
-import argparse
 import platform
 import time
 
 import numpy as np
 
+from minillm.cli import ArgumentParser
 from minillm.bm25 import BM25Index, word_tokenize
 from minillm.errors import UserError, run_main
 from minillm.methods.query_of_cc import gcide_entries, kjv_verses
@@ -100,7 +100,7 @@ def bench(name, docs, n_queries, n_rank_queries):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", nargs="+", default=["kjv", "gcide"], choices=["kjv", "gcide"])
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--rank-bm25-queries", type=int, default=1000)

@@ -6,18 +6,18 @@ Before timing, checks that both paths produce the same greedy tokens (the cache 
 having if it is exact). Prints a table of tokens/s and the speed-up.
 """
 
-import argparse
 import sys
 import time
 
 import torch
 
+from minillm.cli import ArgumentParser
 from minillm.generate import generate_ids
 from minillm.model import GPT, PRESETS, preset
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="tiny-llama", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)

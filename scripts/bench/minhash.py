@@ -10,7 +10,6 @@ MinHashLSH at threshold 0.8 (its own band choice). Reports documents/s for signa
 signatures + LSH, and the recall of the planted pairs.
 """
 
-import argparse
 import random
 import re
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minillm.cli import ArgumentParser
 from minillm.corpus import stdlib_docstrings
 from minillm.minhash import (MinHasher, UnionFind, band_hashes, jaccard_estimate,
                              lsh_params)
@@ -99,7 +99,7 @@ def datasketch_run(docs):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--docs", type=int, default=5000)
     ap.add_argument("--text")
     args = ap.parse_args()

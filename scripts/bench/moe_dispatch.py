@@ -12,12 +12,12 @@ combine). The last line is the verdict: if the kernels lose to the reference, ma
 the default (`minillm.moe_kernels.KERNELS_BY_DEFAULT = False`; MINILLM_MOE_KERNELS=1 opts in).
 """
 
-import argparse
 import os
 import time
 
 import torch
 
+from minillm.cli import ArgumentParser
 from minillm import moe_kernels
 from minillm.moe import MoEConfig, assign_slots, combine, dispatch, plan_from_probs
 
@@ -77,7 +77,7 @@ def path_fns(probs, cfg, T, kernel: bool):
 
 def main(argv=None):
     cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=65536 if cuda else 4096)
     ap.add_argument("--dim", type=int, default=2048 if cuda else 256)
     ap.add_argument("--experts", type=int, default=64)

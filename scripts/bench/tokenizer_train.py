@@ -11,7 +11,6 @@ Prints a table: trainer, seconds (pre-tokenization + merges), vocab size, and th
 with a worse vocabulary. `tokenizers` runs with RAYON_NUM_THREADS=1 (set before it is imported).
 """
 
-import argparse
 import gzip
 import os
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
+from minillm.cli import ArgumentParser
 from minillm.tokenizer import EOT, PATTERNS, count_words, train_bpe
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
@@ -69,7 +69,7 @@ def bench_hf(text: str, vocab_size: int):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--text", help="UTF-8 text file to train on (default: KJV + GCIDE)")
     ap.add_argument("--mb", type=float, default=10.0, help="megabytes of text to use")
     ap.add_argument("--vocab-size", type=int, default=8192)

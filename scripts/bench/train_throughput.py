@@ -21,7 +21,6 @@ Prints ms/step, tokens/s and MFU (from `GPT.flops_per_token`, the PaLM formula n
 the card's dense bf16 peak).
 """
 
-import argparse
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from minillm.cli import ArgumentParser
 from minillm.corpus import stdlib_docstrings
 from minillm.data import prepare
 from minillm.distributed import DistInfo
@@ -39,7 +39,7 @@ from minillm.train import TrainConfig, Trainer, make_optimizer, peak_flops
 
 def parse_args():
     cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="default: gpt2 on cuda, tiny-gpt on cpu")

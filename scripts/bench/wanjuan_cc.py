@@ -20,7 +20,6 @@ of its characters in lines resiliparse does not keep (boilerplate kept, or block
 differently) and the share of resiliparse's characters it misses.
 """
 
-import argparse
 import os
 import re
 import resource
@@ -33,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from minillm.cli import ArgumentParser
 from minillm.errors import UserError, run_main
 from minillm.methods.wanjuan_cc import PipelineConfig, run
 from minillm.methods.wanjuan_cc.extract import decode_html, extract_text
@@ -130,7 +130,7 @@ def boilerplate(pages: list[tuple[bytes, str]], sample: int) -> tuple[float, flo
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--warcs", default=str(ROOT / "data" / "bench"), help="WARC files or a folder of them")
     ap.add_argument("--pages", type=int, default=2400, help="pages when building the corpus")
     ap.add_argument("--shards", type=int, default=4, help="WARC files when building the corpus")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.train import CHECKPOINT_FORMAT, save_checkpoint
+from minillm.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 
 out = Path(sys.argv[1])
 big = torch.zeros(25_000_000)  # 100 MB: writing takes long enough to be caught mid-way

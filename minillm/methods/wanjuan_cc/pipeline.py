@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ...errors import UserError
+from ...fileio import atomic_write
 from .extract import choose_encoding, extract_text
 from .language import LanguageFilter
 from .limits import CpuTimeLimit, DocumentLimit, nesting_depth
@@ -112,16 +113,12 @@ def rank_and_world(cfg: PipelineConfig) -> tuple[int, int]:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.save(tmp, array), suffix=".npy")
 
 
 def _write_jsonl_gz(path: Path, records: list[dict], level: int = 4) -> None:
@@ -313,7 +310,7 @@ class Pipeline:
             fluency = HashedNgramClassifier.load(cfg.fluency_model) if cfg.fluency_model else None
             if cfg.perplexity_model:
                 from ...generate import LocalLM
-                from ...model import load_model
+                from ...checkpoint import load_model
                 model, tok, _ = load_model(cfg.perplexity_model)
                 ppl = PerplexityScorer(LocalLM(model.eval(), tok))
         blocked = set(Path(cfg.blocked_domains).read_text().split()) if cfg.blocked_domains else set()
@@ -356,8 +353,8 @@ class Pipeline:
         _write_jsonl_gz(self.path("final", index, ".jsonl.gz"), out)
         if self.cfg.tokenizer:
             from ...data import ShardWriter
-            from ...tokenizer import load_tokenizer
-            tok = load_tokenizer(self.cfg.tokenizer)
+            from ...hf import load_any_tokenizer
+            tok = load_any_tokenizer(self.cfg.tokenizer)
             tokens_dir = self.out / "tokens"
             for stale in tokens_dir.glob(f"train{index:05d}_*.bin"):
                 stale.unlink()
@@ -453,10 +450,10 @@ class Pipeline:
     def _token_meta(self) -> None:
         """meta.json for the token shards, so that `TokenDataset(out_dir / "tokens")` reads them."""
         from ...data import read_header
-        from ...tokenizer import load_tokenizer
+        from ...hf import load_any_tokenizer
         tokens_dir = self.out / "tokens"
         shards = sorted(p.name for p in tokens_dir.glob("train*.bin"))
-        tok = load_tokenizer(self.cfg.tokenizer)
+        tok = load_any_tokenizer(self.cfg.tokenizer)
         tok.save(tokens_dir / "tokenizer.json")
         total = sum(read_header(tokens_dir / s).num_tokens for s in shards)
         meta = {"vocab_size": tok.vocab_size, "splits": {"train": {"shards": shards, "tokens": total}}}
