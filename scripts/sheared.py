@@ -5,18 +5,21 @@ same number of tokens after the source, over several seeds.
 
     python scripts/sheared.py                               # minutes on a laptop CPU
     python scripts/sheared.py --init-from path/to/hf-llama --target sheared-llama-1.3b --seeds 0 \\
-        --block-size 4096 --batch-size 1 --grad-accum 64 --prune-steps 1500 --continue-steps 190000 \\
-        --fsdp true --domains web=data/web code=data/code ...     # under torchrun on a GPU node
+        --block-size 4096 --batch-size 8 --prune-batch-size 1 --grad-accum 32 --prune-steps 3200 \\
+        --continue-steps 48000 --fsdp true --domains web=data/web code=data/code ...
+                                            # under torchrun on 8 GPUs: the authors' 32 / 256 sequences
 
 Stages (each leaves a file in --out-dir and is skipped when that file exists, so a killed run
 resumes at the stage it was in): the domains (three from the standard library by default:
 docstrings, library code, test code), the source model (trained with the first seed, or
 --init-from), its per-domain losses as the reference for dynamic batch loading, the magnitude-pruned
 model; then per seed: pruning (`prune_steps`, masks and weights trained together, the target warmed
-up over the first `prune_warmup_fraction` of them), compaction, continued training. The baselines
-get `prune_steps + continue_steps` steps, so every model of the target shape has seen the same
-number of tokens after the source. The table reports, per seed, each kind's expected sparsity at the
-end of pruning against its target, and whether every row ended within 0.02 of it.
+up over the first `prune_warmup_fraction` of them; `prune_batch_size` sequences a step, a small
+batch as in the authors' runs), compaction, continued training. The baselines get
+`continue_steps` plus the pruning's tokens in steps of `batch_size`, so every model of the target
+shape has seen the same number of tokens after the source. The table reports, per seed, each
+kind's expected sparsity at the end of pruning against its target, and whether every row ended
+within 0.02 of it.
 """
 
 import json
@@ -53,7 +56,7 @@ class ShearedConfig:
     init_from: str | None = field(default=None, metadata={
         "help": "source model: a Hugging Face folder or a minillm checkpoint (else one is trained)"})
     source_preset: str = "tiny-llama"
-    source_steps: int = 1000
+    source_steps: int = 2000
     source_lr: float = 2e-3
     target: str | None = field(default=None, metadata={"help": "target shape from a preset, e.g. "
                                                                 "sheared-llama-1.3b"})
@@ -61,15 +64,19 @@ class ShearedConfig:
     target_n_head: int = 2
     target_n_embd: int = 64
     target_ffn_hidden: int = 128
-    prune_steps: int = 100
+    prune_steps: int = 400
+    prune_batch_size: int = field(default=2, metadata={
+        "help": "sequences per pruning step (the authors prune with 32, continue with 256: 1/8)"})
     prune_warmup_fraction: float = field(default=0.2, metadata={
         "help": "share of the pruning steps over which the target rises linearly from 0 (the "
                 "authors: 640 of 3,200)"})
-    continue_steps: int = 900
+    continue_steps: int = 450
     mask_lr: float = field(default=1.0, metadata={"help": "peak lr of the masks (the authors' lag_lr)"})
     lambda_lr: float = field(default=1.0, metadata={"help": "peak lr of the Lagrange multipliers"})
     lr: float = field(default=2e-3, metadata={"help": "peak lr of the weights while pruning and of "
-                                                       "every model trained after the source"})
+                                                       "the pruned model's continued training"})
+    magnitude_lr: float = field(default=4e-3, metadata={"help": "peak lr of the magnitude-pruned model"})
+    scratch_lr: float = field(default=4e-3, metadata={"help": "peak lr of the model from scratch"})
     block_size: int = 64
     batch_size: int = 16
     grad_accum: int = 1
@@ -194,9 +201,9 @@ def prune(cfg: ShearedConfig, domains, source_path: Path, target: TargetShape, s
     log_every = max(cfg.prune_steps // 10, 1)
     pruner = Trainer(TrainConfig(data=domains, out_dir=str(Path(cfg.out_dir) / f"seed{seed}" / "prune"),
                                  init_from=str(source_path), max_steps=cfg.prune_steps,
-                                 block_size=cfg.block_size, batch_size=cfg.batch_size,
+                                 block_size=cfg.block_size, batch_size=cfg.prune_batch_size,
                                  grad_accum=cfg.grad_accum, lr=cfg.lr,
-                                 warmup_steps=min(20, cfg.prune_steps // 10), eval_interval=0,
+                                 warmup_steps=max(cfg.prune_steps // 10, 1), eval_interval=0,
                                  ckpt_interval=cfg.prune_steps, overwrite=True, fsdp=cfg.fsdp,
                                  log_interval=log_every, seed=seed, progress=False), dist,
                      model_transform=attach)
@@ -244,14 +251,18 @@ def target_shape(cfg: ShearedConfig) -> TargetShape:
 def check_config(cfg: ShearedConfig) -> None:
     """A value no run can use is a one-line error before anything is trained."""
     for name in ("source_steps", "prune_steps", "continue_steps", "threads", "eval_batches",
-                 "block_size", "batch_size", "grad_accum"):
+                 "block_size", "batch_size", "prune_batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected at least 1")
-    for name in ("source_lr", "lr", "mask_lr", "lambda_lr"):
+    for name in ("source_lr", "lr", "magnitude_lr", "scratch_lr", "mask_lr", "lambda_lr"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive number")
     if not 0 <= cfg.prune_warmup_fraction <= 1:
         raise UserError(f"--prune-warmup-fraction {cfg.prune_warmup_fraction}: expected 0 to 1")
+    if cfg.batch_size > 0 and (cfg.prune_steps * cfg.prune_batch_size) % cfg.batch_size:
+        raise UserError(f"--prune-steps {cfg.prune_steps} x --prune-batch-size {cfg.prune_batch_size} "
+                        f"is not a multiple of --batch-size {cfg.batch_size}: the baselines could not "
+                        "get the same number of tokens")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise UserError(f"--seeds {cfg.seeds}: expected one or more distinct seeds")
 
@@ -300,21 +311,21 @@ def main(argv=None):
         on_main(dist, lambda: save_model(naive_path, compact(source, magnitude_masks(source, target))))
 
     # Per seed: targeted pruning, continued training, and the baselines at the same tokens.
-    budget = cfg.prune_steps + cfg.continue_steps
+    budget = cfg.continue_steps + pruning_steps_as_continued(cfg)
     runs = {}
     for seed in cfg.seeds:
         pruned_path = out / f"seed{seed}" / "pruned.pt"
         if not pruned_path.is_file():
             prune(cfg, domains, source_path, target, seed, dist, pruned_path)
         small_config = load_model(pruned_path)[0].config
-        for arm, init, steps, dbl in ((ARMS[0], pruned_path, cfg.continue_steps, True),
-                                      (ARMS[1], pruned_path, cfg.continue_steps, False),
-                                      (ARMS[2], naive_path, budget, False),
-                                      (ARMS[3], None, budget, False)):
+        for arm, init, steps, lr, dbl in ((ARMS[0], pruned_path, cfg.continue_steps, cfg.lr, True),
+                                          (ARMS[1], pruned_path, cfg.continue_steps, cfg.lr, False),
+                                          (ARMS[2], naive_path, budget, cfg.magnitude_lr, False),
+                                          (ARMS[3], None, budget, cfg.scratch_lr, False)):
             callbacks = [DynamicBatchLoading(reference, cfg.dbl_eta)] if dbl else []
             kw = {"train": {"init_from": str(init)}} if init else {"model_config": replace(small_config)}
             name = f"seed{seed}/" + arm.replace(" ", "_").replace(",", "").replace("+", "dbl")
-            runs[arm, seed] = train(cfg, domains, name, steps, dist, cfg.lr, seed, evaluate=dbl,
+            runs[arm, seed] = train(cfg, domains, name, steps, dist, lr, seed, evaluate=dbl,
                                     callbacks=callbacks, **kw)
 
     if dist.is_main:
@@ -338,9 +349,11 @@ def print_table(cfg, domains, reference, budget, source, target, runs) -> None:
     small = naive.config
     print(f"\nshape: {_shape(source.config)} -> {_shape(small)} (layers/heads/kv heads/d/ffn); "
           f"reference = {'--reference' if cfg.reference else 'the source model'}; every small model "
-          f"gets {budget} steps of {cfg.batch_size * cfg.block_size * cfg.grad_accum} tokens after "
-          f"the source, pruning {cfg.prune_steps} of them ({100 * cfg.prune_steps / budget:.0f}%); "
-          f"lr {cfg.lr:g}, masks {cfg.mask_lr:g}, lambdas {cfg.lambda_lr:g}")
+          f"gets {budget} steps' worth of {cfg.batch_size * cfg.block_size * cfg.grad_accum} tokens "
+          f"after the source; pruning ({cfg.prune_steps} steps of {cfg.prune_batch_size} sequences) is "
+          f"{100 * pruning_steps_as_continued(cfg) / budget:.0f}% of them; "
+          f"peak lr: sheared {cfg.lr:g} (masks {cfg.mask_lr:g}, lambdas {cfg.lambda_lr:g}), magnitude "
+          f"{cfg.magnitude_lr:g}, scratch {cfg.scratch_lr:g}")
     print("sparsity = expected sparsity at the end of pruning per kind (layer/head/ffn/hidden), "
           f"target {'/'.join(f'{t:.2f}' for t in targets)}; on target = every row within {ON_TARGET}")
     header = (f"{'model':<21}{'seed':>5}{'params':>9}{'pruned':>8}{'final':>8}"
@@ -382,6 +395,11 @@ def print_table(cfg, domains, reference, budget, source, target, runs) -> None:
     if missed:
         print(f"pruning did NOT end on target (within {ON_TARGET} in every row) for seed(s) "
               f"{', '.join(map(str, missed))}: their final masks cut gates the masks still kept")
+
+
+def pruning_steps_as_continued(cfg: ShearedConfig) -> int:
+    """The pruning run's tokens in steps of the continued training (its batches are smaller)."""
+    return cfg.prune_steps * cfg.prune_batch_size // cfg.batch_size
 
 
 def mean_loss(losses: dict[str, float]) -> float:

@@ -308,6 +308,7 @@ def test_the_script_runs_at_a_tiny_size_and_resumes_by_stage(domains, tmp_path, 
     ("--threads", "0", "--threads 0: expected at least 1"),
     ("--lr", "0", "--lr 0.0: expected a positive number"),
     ("--prune-warmup-fraction", "1.5", "--prune-warmup-fraction 1.5: expected 0 to 1"),
+    ("--prune-steps", "3", "--prune-steps 3 x --prune-batch-size 2 is not a multiple of --batch-size 16"),
     ("--seeds", "1 1", "--seeds \\[1, 1\\]: expected one or more distinct seeds"),
 ])
 def test_the_script_refuses_bad_values_by_name(tmp_path, flag, value, message):
