@@ -46,7 +46,8 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | 
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, valid), both (B, L): the prompts right-aligned in one batch, True on real tokens."""
     L = max(len(p) for p in prompts)
     ids_BL = torch.zeros(len(prompts), L, dtype=torch.long, device=device)
     valid_BL = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
@@ -58,7 +59,7 @@ def _left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, t
     return ids_BL, valid_BL
 
 
-def _mask(valid_BK: torch.Tensor, T: int) -> torch.Tensor:
+def padded_mask(valid_BK: torch.Tensor, T: int) -> torch.Tensor:
     """(B, 1, T, K) mask for the last T of K positions: causal, real keys only, self always."""
     K = valid_BK.shape[1]
     causal_TK = torch.ones(T, K, dtype=torch.bool, device=valid_BK.device).tril(K - T)
@@ -78,7 +79,7 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     With `return_logprobs`, returns (ids, logprobs): each kept token's log-probability under the
     model's own distribution (temperature 1, no top-k / top-p), what policy-gradient methods use."""
     device = model.wte.weight.device
-    ids_BL, valid_BL = _left_pad(prompts, device)
+    ids_BL, valid_BL = left_pad(prompts, device)
     B, L = ids_BL.shape
     if model.wpe is not None and L + max_new_tokens - 1 > model.config.block_size:
         raise ValueError(f"prompt of {L} tokens + {max_new_tokens} new tokens exceeds block_size "
@@ -91,7 +92,7 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
 
     positions_BL = (valid_BL.long().cumsum(-1) - 1).clamp(min=0)
     cache = model.new_kv_cache(B, L + max_new_tokens) if use_cache else None
-    logits_BV = model(ids_BL, position_ids=positions_BL, attn_mask=_mask(valid_BL, L),
+    logits_BV = model(ids_BL, position_ids=positions_BL, attn_mask=padded_mask(valid_BL, L),
                       kv_cache=cache).logits[:, -1]
     new = [[] for _ in range(B)]
     new_logprobs = [[] for _ in range(B)]
@@ -119,10 +120,11 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
         valid_BK = torch.cat([valid_BK, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
         if use_cache:
             out = model(next_B[:, None], position_ids=pos_B[:, None],
-                        attn_mask=_mask(valid_BK, 1), kv_cache=cache)
+                        attn_mask=padded_mask(valid_BK, 1), kv_cache=cache)
         else:
             positions_BK = (valid_BK.long().cumsum(-1) - 1).clamp(min=0)
-            out = model(seq_BK, position_ids=positions_BK, attn_mask=_mask(valid_BK, seq_BK.shape[1]))
+            out = model(seq_BK, position_ids=positions_BK,
+                        attn_mask=padded_mask(valid_BK, seq_BK.shape[1]))
         logits_BV = out.logits[:, -1]
     model.train(was_training)
     return (new, new_logprobs) if return_logprobs else new

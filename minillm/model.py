@@ -127,6 +127,21 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 @dataclass
+class ModelSize:
+    """The size flags of a method script, in one place: a script's config inherits them
+    (`class Config(ModelSize)`, redeclaring a field only to change its default) and passes
+    `sizes()` to `preset`. The defaults are the laptop size the method scripts share."""
+    n_layer: int = field(default=2, metadata={"help": "transformer blocks"})
+    n_embd: int = field(default=64, metadata={"help": "model width"})
+    n_head: int = field(default=4, metadata={"help": "attention heads (n_embd must split over them)"})
+    block_size: int = field(default=64, metadata={"help": "context length in tokens"})
+
+    def sizes(self) -> dict:
+        """{n_layer, n_embd, n_head, block_size}: keyword arguments of `preset` / `ModelConfig`."""
+        return {name: getattr(self, name) for name in ("n_layer", "n_embd", "n_head", "block_size")}
+
+
+@dataclass
 class Masks:
     """Multiplicative masks (0/1, or continuous such as Sheared-LLaMA's hard-concrete samples).
 
@@ -459,5 +474,5 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
 
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "Masks", "ModelOutput", "Norm", "Attention",
+__all__ = ["ModelConfig", "PRESETS", "preset", "ModelSize", "Masks", "ModelOutput", "Norm", "Attention",
            "DenseFFN", "Block", "GPT", "KVCache"]

@@ -1,6 +1,6 @@
 """AoR against majority voting on the arithmetic task, with a minillm policy and several judges.
 
-    python scripts/aor.py                 # the default run (its measured time: README, "AoR")
+    python scripts/aor.py                 # the default run (its measured time: DESIGN.md, "Method: AoR")
     python scripts/aor.py --tiny          # a seconds-long smoke run (in out/aor-tiny)
 
 1. The policy: `minillm.methods.o1.train_policy` (a tiny GPT pretrained and fine-tuned on worked
@@ -11,10 +11,11 @@
    at `--temperature`, once, cached in `--out-dir/samples.json`. Every method sees the same chains
    in the same order: voting and AoR without dynamic sampling read the first `--initial-samples`;
    dynamic sampling draws from the rest, `--extra-samples` at a time.
-3. Judges: the outcome reward model of `minillm.methods.o1`, trained on the policy's samples of training
-   problems of the same level (cached in `--out-dir`), at the paper's threshold and at each of
+3. Judges: the outcome reward model of `minillm.methods.o1`, trained on the policy's samples of
+   training problems of the same level (cached in `--out-dir`), at the paper's threshold and at each of
    `--orm-thresholds` (its probabilities x 10 seldom reach 6); the noisy oracle of each
-   `--oracle-accuracy`; the constant judge (which must equal voting).
+   `--oracle-accuracy`; the constant judge (which must equal voting); with `--judge-url` and
+   `--judge-model`, `LLMJudge` over any OpenAI-compatible server (e.g. scripts/serve.py).
 4. Prints how well the ORM ranks the chains (AUC), then accuracy overall, on "minority" questions
    (the right answer is among the first `--initial-samples` chains but on fewer than half of them)
    and on "outvoted" questions (it is among them but some wrong answer has at least as many), for
@@ -30,12 +31,13 @@ from pathlib import Path
 
 import torch
 
-from minillm.methods.aor import (AoRConfig, ConstantJudge, NoisyOracleJudge, ORMJudge,
-                                 aggregate, bucket_by_answer, majority_vote, pool_sampler)
+from minillm.backends import OpenAIClient
+from minillm.checkpoint import load_model
 from minillm.cli import given_fields, parse_config
 from minillm.errors import UserError, run_main
 from minillm.fileio import write_json
-from minillm.checkpoint import load_model
+from minillm.methods.aor import (AoRConfig, ConstantJudge, LLMJudge, NoisyOracleJudge, ORMJudge,
+                                 aggregate, bucket_by_answer, majority_vote, pool_sampler)
 from minillm.methods.o1 import (OutcomeRewardModel, Policy, PolicyConfig, outcome_examples,
                                 sample, train_policy, train_reward_model)
 from minillm.tasks import (Arithmetic, Problem, check, extract_answer, prompt,
@@ -74,6 +76,13 @@ class AoRScriptConfig:
         "help": "more local-score thresholds to run the ORM judge at, beside --score-threshold"})
     oracle_accuracy: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                                          metadata={"help": "accuracies of the noisy oracle judges"})
+    judge_url: str | None = field(default=None, metadata={
+        "help": "an OpenAI-compatible server whose model judges too (LLMJudge), e.g. "
+                "http://127.0.0.1:8000/v1"})
+    judge_model: str | None = field(default=None, metadata={"help": "the served model's name"})
+    judge_api: str = field(default="chat", metadata={"help": "chat or completions"})
+    judge_max_new_tokens: int = field(default=256, metadata={"help": "per judge answer"})
+    judge_timeout: float = field(default=120.0, metadata={"help": "seconds per judge request"})
     close_margin: float = field(default=0.25, metadata={
         "help": "the dynamic-sampling table splits questions at this vote margin "
                 "((top1 - top2) / chains with an answer)"})
@@ -93,6 +102,12 @@ def check_config(cfg: AoRScriptConfig) -> AoRConfig:
         raise UserError(f"--max-new-tokens {cfg.max_new_tokens}: must be at least 0 (0: auto)")
     if not 1 <= cfg.level <= 9:
         raise UserError(f"--level {cfg.level}: expected 1-9 digits per operand")
+    if (cfg.judge_url is None) != (cfg.judge_model is None):
+        raise UserError("--judge-url and --judge-model go together (the server and its model)")
+    if cfg.judge_api not in ("chat", "completions"):
+        raise UserError(f"--judge-api {cfg.judge_api!r}: expected chat or completions")
+    if cfg.judge_max_new_tokens < 1 or cfg.judge_timeout <= 0:
+        raise UserError("--judge-max-new-tokens must be at least 1 and --judge-timeout above 0")
     if cfg.temperature <= 0:
         raise UserError(f"--temperature {cfg.temperature}: sampling needs a temperature above 0")
     bad = [a for a in cfg.oracle_accuracy if not 0 <= a <= 1]
@@ -367,6 +382,11 @@ def main(argv=None):
                for t in cfg.orm_thresholds]
     judges += [(f"oracle {a:g}", NoisyOracleJudge(a, seed=cfg.seed), aor_cfg)
                for a in cfg.oracle_accuracy]
+    llm_judge = None
+    if cfg.judge_url:
+        llm_judge = LLMJudge(OpenAIClient(cfg.judge_url, cfg.judge_model, api=cfg.judge_api,
+                                          timeout=cfg.judge_timeout), cfg.judge_max_new_tokens)
+        judges.append((f"LLM {cfg.judge_model}", llm_judge, aor_cfg))
     dynamic_rows = []
     for name, judge, judge_cfg in judges:
         static_cfg = replace(judge_cfg, max_samples=judge_cfg.initial_samples)
@@ -382,10 +402,16 @@ def main(argv=None):
     print_table(rows, kinds)
     print()
     print_spending(dynamic_rows, kinds, cfg.close_margin)
+    if llm_judge is not None:
+        st = llm_judge.stats
+        print(f"\nLLM judge {cfg.judge_model} at {cfg.judge_url}: {st['prompts']} prompts, "
+              f"{st['chains']} chains scored, {st['unparsed']} scores unreadable (scored 0), "
+              f"{st['completion_tokens']} tokens generated")
     results = {"config": asdict(cfg), "policy_source": str(policy_source),
                "questions": [{"question": p.question, "answer": p.answer, **k}
                              for p, k in zip(problems, kinds)],
                "rows": {name: s for name, s in rows}, "orm_auc": orm_auc,
+               "llm_judge": llm_judge.stats if llm_judge is not None else None,
                "seconds": time.time() - start}
     write_json(out_dir / "results.json", results, indent=1)
     print(f"\nwrote {out_dir / 'results.json'} ({time.time() - start:.0f} s)")

@@ -101,8 +101,16 @@ def main(argv=None):
         raise UserError("--rounds must be >= 0, --k and --samples-per-round >= 1")
     t0 = time.time()
     docs, labels = stdlib_families() if args.corpus == "stdlib" else kjv_verses()
-    docs, labels = docs[:args.max_docs], labels[:args.max_docs]
     seeds = SEEDS[args.corpus]
+    if args.max_docs is not None:
+        first = {d: labels.index(d) for d in seeds if d in labels}  # documents come domain by domain
+        enough = max(first.values()) + 1
+        if args.max_docs < enough:
+            missing = sorted(d for d, i in first.items() if i >= args.max_docs)
+            raise UserError(f"--max-docs {args.max_docs} leaves no document of the domain(s) "
+                            f"{', '.join(missing)}; pass at least {enough} for the {args.corpus} "
+                            "corpus")
+        docs, labels = docs[:args.max_docs], labels[:args.max_docs]
     index = BM25Index.build(docs)
     expander = (LMExpander(load_lm(args), config.max_new_tokens) if args.checkpoint or args.http_url
                 else PRFExpander(index, docs, config.prf_docs, config.prf_terms))

@@ -24,6 +24,7 @@ from minillm import distributed
 from minillm.cli import parse_config
 from minillm.corpus import stdlib_docstrings
 from minillm.data import prepare
+from minillm.model import ModelSize
 from minillm.moe import MoE, MoEConfig, replace_ffns_with_moe
 from minillm.methods.rectify_router import FillInRectification, IntraGPURectification
 from minillm.tokenizer import train_bpe
@@ -40,7 +41,7 @@ STATS = ("dropped_fraction", "dropped_tokens_fraction", "padding_fraction")
 
 
 @dataclass
-class RectifyConfig:
+class RectifyConfig(ModelSize):  # block 1's FFN is the MoE layer
     data_dir: str = field(default="data/rectify", metadata={"help": "prepared here if missing"})
     out_dir: str = "out/rectify_router"
     max_files: int | None = field(default=None, metadata={
@@ -48,9 +49,6 @@ class RectifyConfig:
     vocab_size: int = 2048
     val_fraction: float = 0.02
     max_steps: int = 300
-    n_layer: int = 2  # block 1's FFN is the MoE layer
-    n_embd: int = 64
-    block_size: int = 64
     batch_size: int = 16
     num_experts: int = 8
     expert_hidden: int = 64
@@ -109,7 +107,7 @@ def run(cfg: RectifyConfig, dist, variant: str, cf: float, seed: int) -> dict:
                   else FillInRectification() for s in steps]
     name = f"{variant.replace(' ', '')}_cf{cf}_seed{seed}"
     train_cfg = TrainConfig(data=[cfg.data_dir], out_dir=f"{cfg.out_dir}/{name}", preset="tiny-gpt",
-                            n_layer=cfg.n_layer, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                            **cfg.sizes(),
                             batch_size=cfg.batch_size, max_steps=cfg.max_steps,
                             warmup_steps=min(20, cfg.max_steps // 5), eval_interval=cfg.max_steps,
                             eval_batches=cfg.eval_batches, ckpt_interval=0, seed=seed,

@@ -1,6 +1,6 @@
 """SSD (switchable sparse-dense training, minillm/methods/ssd.py) against dense training on the same data.
 
-    python scripts/ssd.py                 # the default comparison (see README, "SSD")
+    python scripts/ssd.py                 # the default comparison (see DESIGN.md, "Method: SSD")
     python scripts/ssd.py --tiny true     # seconds: a smoke run
 
 For each seed: an SSD run of `--max-steps` steps; a dense run of the same steps; a dense run with
@@ -27,21 +27,18 @@ from minillm.corpus import stdlib_docstrings
 from minillm.data import TokenDataset, eval_batches, prepare
 from minillm.distributed import DistInfo
 from minillm.errors import UserError, run_main
-from minillm.model import preset
+from minillm.model import ModelSize, preset
 from minillm.methods.ssd import SSD, SSDConfig, check_ssd, dense_flop_meter, to_moe
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer
 
 
 @dataclass
-class Config:
+class Config(ModelSize):
     out_dir: str = field(default="out/ssd", metadata={"help": "runs and results.json"})
     data_dir: str = field(default="data/ssd", metadata={"help": "token shards (made if missing)"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     max_steps: int = 300
-    n_layer: int = 2
-    n_embd: int = 64
-    block_size: int = 64
     batch_size: int = 16
     lr: float = field(default=1e-3, metadata={
         "help": "peak learning rate (at 3e-3 the short dense baselines swing by more than the effect)"})
@@ -110,8 +107,7 @@ def tokens_per_s(model, cfg: Config, repeats: int = 5) -> float:
 
 
 def run(cfg: Config, data: Path, seed: int, tokenizer_vocab: int) -> dict:
-    model_cfg = preset("tiny-gpt", vocab_size=tokenizer_vocab, block_size=cfg.block_size,
-                       n_layer=cfg.n_layer, n_head=4, n_embd=cfg.n_embd, activation="relu")
+    model_cfg = preset("tiny-gpt", vocab_size=tokenizer_vocab, activation="relu", **cfg.sizes())
     ssd = SSD(SSDConfig(num_experts=cfg.num_experts, top_k=cfg.top_k,
                         check_interval=cfg.check_interval, stable_ari=cfg.stable_ari,
                         drift_ari=cfg.drift_ari, min_dense_steps=cfg.min_dense_steps,

@@ -116,3 +116,16 @@ def test_evaluation_at_equal_budget_and_errors():
     assert by[("fruit", 0, "bootstrap")][1] == 1.0  # "apple pie" retrieves only fruit
     with pytest.raises(UserError, match="seed"):
         bootstrap(index, {"fruit": []}, LMExpander(ScriptedLM()), cfg)
+
+
+def test_a_max_docs_that_drops_a_domain_is_one_error_line(tmp_path):
+    import subprocess
+    import sys
+    script = Path(__file__).parents[1] / "scripts" / "query_of_cc.py"
+    proc = subprocess.run([sys.executable, str(script), "--corpus", "kjv", "--max-docs", "10",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and "--max-docs 10 leaves no document of the domain(s)" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -84,227 +84,6 @@ def check_ssd(model: GPT, cfg: SSDConfig) -> None:
         raise UserError(f"--check-interval must be at least 1, got {cfg.check_interval}")
 
 
-# --- clustering and the monitor ----------------------------------------------------------------------
-
-def adjusted_rand_index(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Adjusted Rand index of two labelings of the same points (Hubert & Arabie 1985): 1 for the
-    same partition (whatever the label names), about 0 for independent ones."""
-    ka, kb = int(a.max()) + 1, int(b.max()) + 1
-    table = torch.bincount(a * kb + b, minlength=ka * kb).view(ka, kb).double()
-
-    def pairs(x):
-        return (x * (x - 1) / 2).sum()
-
-    n = table.sum()
-    index, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
-    expected = rows * cols / (n * (n - 1) / 2)
-    top = (rows + cols) / 2
-    return 1.0 if top == expected else float((index - expected) / (top - expected))
-
-
-def ffn_input_weights(ffn: nn.Module) -> torch.Tensor:
-    """W_in (F, d) in the dense unit order, of a `DenseFFN` or of an MoE made by `moefy_ffn`."""
-    if isinstance(ffn, DenseFFN):
-        return ffn.up.weight.detach()
-    tensors = {"experts.w_up": ffn.experts.w_up.detach(), "experts.w_down": ffn.experts.w_down.detach()}
-    return experts_to_dense(tensors, ffn.unit_permutation)["up.weight"]
-
-
-def expert_labels(moe: MoE) -> torch.Tensor:
-    """(F,) expert of each dense unit, from an MoE made by `moefy_ffn`."""
-    per = moe.cfg.expert_hidden
-    labels = torch.empty_like(moe.unit_permutation)
-    labels[moe.unit_permutation] = torch.arange(len(labels), device=labels.device) // per
-    return labels.cpu()
-
-
-def cluster_units(w_in_FD: torch.Tensor, num_experts: int, previous: torch.Tensor | None,
-                  iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """Balanced k-means of the units, warm-started from `previous` labels when given and fresh;
-    the better of the two by the k-means objective. Returns (labels, {warm, fresh, chosen})."""
-    w = w_in_FD.detach().float().cpu()
-    fresh = balanced_kmeans(w, num_experts, iters=iters, seed=seed)
-    info = {"fresh": clustering_score(w, fresh, num_experts), "warm": None, "chosen": "fresh"}
-    if previous is None:
-        return fresh, info
-    warm = balanced_kmeans(w, num_experts, iters=iters, init_labels=previous.cpu())
-    info["warm"] = clustering_score(w, warm, num_experts)
-    if info["warm"] >= info["fresh"]:
-        info["chosen"] = "warm"
-        return warm, info
-    return fresh, info
-
-
-def router_recall(ffn: DenseFFN, moe: MoE, x_Td: torch.Tensor) -> float:
-    """Share of each token's k truly most active experts (largest sum of the dense FFN's ReLU
-    activations over the expert's units) that the router's top-k picks. Random routing: k / E."""
-    E, k = moe.cfg.num_experts, moe.cfg.top_k
-    with torch.no_grad():
-        h_TF = torch.relu(ffn.up(x_Td))
-        mass_TE = torch.zeros(len(x_Td), E, device=x_Td.device).index_add_(
-            1, expert_labels(moe).to(x_Td.device), h_TF.float())
-        true_TK = mass_TE.topk(k, dim=-1).indices
-        picked_TK = moe.router.gate(x_Td).topk(k, dim=-1).indices
-    hits = (true_TK[:, :, None] == picked_TK[:, None, :]).any(-1).float()
-    return float(hits.mean())
-
-
-# --- dense <-> sparse ------------------------------------------------------------------------------------
-
-def sparse_ffn(ffn: DenseFFN, labels: torch.Tensor, num_experts: int, top_k: int) -> MoE:
-    """The SSD MoE of a dense FFN: units grouped by `labels`, centroid router, unweighted,
-    dropless, auxiliary losses off (the router is rebuilt from the clustering, not learned)."""
-    return moefy_ffn(ffn, num_experts, top_k, labels=labels, aux_loss_coef=0.0, z_loss_coef=0.0)
-
-
-def to_moe(model: GPT, top_k: int, num_experts: int | None = None,
-           labels: dict | None = None) -> GPT:
-    """Every dense FFN of `model` replaced, in place, by its MoE with `top_k` experts (clustered
-    now unless `labels` {layer: (F,) labels} is given); the same weights, for sparse inference."""
-    if num_experts is None and labels is None:
-        raise UserError("to_moe: pass num_experts, or labels to take the experts from")
-    for i, block in enumerate(model.blocks):
-        if isinstance(block.ffn, DenseFFN):
-            E = num_experts or len(torch.unique(labels[i]))
-            layer_labels = labels[i] if labels else cluster_units(block.ffn.up.weight, E, None)[0]
-            block.ffn = sparse_ffn(block.ffn, layer_labels, E, top_k)
-    return model
-
-
-def to_dense(model: GPT) -> GPT:
-    """Every MoEfied FFN of `model` merged back, in place (exact)."""
-    for block in model.blocks:
-        if isinstance(block.ffn, MoE):
-            block.ffn = merge_moe(block.ffn, "relu")
-    return model
-
-
-# --- executed FLOPs ------------------------------------------------------------------------------------
-
-class FlopMeter:
-    """Matmul FLOPs of the forward passes the model executes in training, counted by forward hooks
-    from the shapes each module ran on (2 per multiply-add). Categories: attention (projections and
-    the two score matmuls, full T x T as the CPU math kernel computes them), ffn (dense FFN), experts
-    (every slot of the MoE buffer, padding included), padding (the padded slots' share of experts),
-    router, head. Element-wise work (norms, activations, softmax) and embedding lookups are not
-    counted. A training step executes 3x its forward FLOPs (backward: input and weight gradients)."""
-
-    def __init__(self):
-        self.handles = []
-        self.step = {}
-        self._kept = []  # (kept-entry count tensor, FLOPs per slot) of this step's MoE calls
-
-    def attach(self, model: nn.Module) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Linear):
-                kind = ("router" if name.endswith("router.gate") else "ffn" if ".ffn." in name
-                        else "head" if name == "lm_head" else "attention")
-                self.handles.append(m.register_forward_hook(self._linear_hook(kind)))
-            elif isinstance(m, Experts):
-                self.handles.append(m.register_forward_hook(self._experts_hook))
-            elif isinstance(m, MoE):
-                self.handles.append(m.register_forward_hook(self._moe_hook))
-            elif isinstance(m, Attention):
-                self.handles.append(m.register_forward_hook(self._attention_hook))
-
-    def _add(self, kind: str, flops: int) -> None:
-        self.step[kind] = self.step.get(kind, 0) + flops
-
-    @staticmethod
-    def _counting(module) -> bool:
-        return module.training and torch.is_grad_enabled()
-
-    def _linear_hook(self, kind):
-        def hook(module, inputs, output):
-            if self._counting(module):
-                tokens = inputs[0].numel() // module.in_features
-                self._add(kind, 2 * tokens * module.in_features * module.out_features)
-        return hook
-
-    def _experts_hook(self, module, inputs, output):
-        if self._counting(module):
-            E, C, d = inputs[0].shape
-            per_slot = 2 * d * module.w_up.shape[2] * (3 if module.w_gate is not None else 2)
-            self._add("experts", E * C * per_slot)
-            self._slots = (E * C, per_slot)
-
-    def _moe_hook(self, module, inputs, output):
-        if self._counting(module):
-            slots, per_slot = self._slots
-            self._kept.append((slots - module.stats["tokens_per_expert"].sum(), per_slot))
-
-    def _attention_hook(self, module, inputs, output):
-        if self._counting(module):
-            B, T, _ = inputs[0].shape
-            cache = inputs[3]
-            keys = T + (cache.length if cache is not None else 0)
-            cfg = module.cfg
-            self._add("attention", 4 * B * cfg.n_head * T * keys * cfg.head_dim)
-
-    def take_step(self) -> dict:
-        """This step's training FLOPs by category (3x forward), and reset; reads the device once."""
-        step = {k: 3 * v for k, v in self.step.items()}
-        if self._kept:
-            step["padding"] = 3 * sum(int(padded) * per_slot for padded, per_slot in self._kept)
-        self.step, self._kept = {}, []
-        return step
-
-
-# --- swapping modules between steps ---------------------------------------------------------------------
-# SSD replaces submodules between steps (dense FFNs by MoE layers and back). The optimizer is rebuilt
-# for the new parameters and the wrapper (compile, DDP) around the model; AdamW's moments follow the
-# weights through the same `carry` map that moved the weights, so that a swap and its inverse with
-# no step between leave weights and moments bit-identical.
-
-def swap_modules(trainer, swaps: dict) -> None:
-    """Replace submodules of `trainer.model`: {path ("blocks.1.ffn"): (new module, carry)}.
-    `carry` maps the old module's {parameter name: tensor} to the new module's (e.g.
-    `minillm.moefy.dense_to_experts`); it is applied to every per-parameter optimizer tensor
-    (exp_avg, exp_avg_sq), and the step count is copied. Parameters of the new module that `carry`
-    does not produce start with fresh moments; parameters outside the swapped modules keep theirs.
-    Every rank must swap alike at the same step (DDP is rebuilt, which broadcasts rank 0's
-    weights)."""
-    if trainer.cfg.fsdp:
-        raise UserError("swapping modules between steps (SSD's dense <-> sparse switch) is not "
-                        "supported under FSDP (--fsdp): the shards would have to be rebuilt; "
-                        "run with DDP")
-    if trainer.sharded:
-        raise UserError("swapping modules between steps (SSD's dense <-> sparse switch) is not "
-                        "supported with --expert-parallel: run without it")
-    old_state = trainer.optimizer.state
-    carried = {}
-    for path, (module, carry) in swaps.items():
-        parent_path, _, name = path.rpartition(".")
-        parent = trainer.model.get_submodule(parent_path)
-        old_params = dict(getattr(parent, name).named_parameters())
-        states = {n: old_state[p] for n, p in old_params.items() if old_state.get(p)}
-        module = module.to(trainer.device)
-        new_params = dict(module.named_parameters())
-        if states:
-            step = next(iter(states.values())).get("step")
-            keys = {k for s in states.values() for k, v in s.items()
-                    if k != "step" and isinstance(v, torch.Tensor)}
-            per_key = {k: carry({n: s[k] for n, s in states.items() if k in s}) for k in keys}
-            for k, mapped in per_key.items():
-                for n, tensor in mapped.items():
-                    entry = carried.setdefault(new_params[n], {})
-                    entry[k] = tensor.to(trainer.device)
-                    if step is not None:
-                        entry["step"] = step.clone()
-        setattr(parent, name, module)
-    kept = {p: old_state[p] for p in trainer.model.parameters() if p in old_state}
-    trainer.optimizer = make_optimizer(trainer.model, trainer.cfg, trainer.device)
-    for p in trainer.model.parameters():
-        if p in kept:
-            trainer.optimizer.state[p] = kept[p]
-        elif p in carried:
-            trainer.optimizer.state[p] = carried[p]
-    trainer.wrap()
-
-
 # --- the schedule -------------------------------------------------------------------------------------
 
 class SSD:
@@ -468,6 +247,227 @@ class SSD:
         out["flops"]["useful"] = out["flops"]["dense"]["useful"] + out["flops"]["sparse"]["useful"]
         out["switches"] = [e for e in self.events if e["event"].startswith("to ")]
         return out
+
+
+# --- clustering and the monitor ----------------------------------------------------------------------
+
+def adjusted_rand_index(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Adjusted Rand index of two labelings of the same points (Hubert & Arabie 1985): 1 for the
+    same partition (whatever the label names), about 0 for independent ones."""
+    ka, kb = int(a.max()) + 1, int(b.max()) + 1
+    table = torch.bincount(a * kb + b, minlength=ka * kb).view(ka, kb).double()
+
+    def pairs(x):
+        return (x * (x - 1) / 2).sum()
+
+    n = table.sum()
+    index, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / (n * (n - 1) / 2)
+    top = (rows + cols) / 2
+    return 1.0 if top == expected else float((index - expected) / (top - expected))
+
+
+def ffn_input_weights(ffn: nn.Module) -> torch.Tensor:
+    """W_in (F, d) in the dense unit order, of a `DenseFFN` or of an MoE made by `moefy_ffn`."""
+    if isinstance(ffn, DenseFFN):
+        return ffn.up.weight.detach()
+    tensors = {"experts.w_up": ffn.experts.w_up.detach(), "experts.w_down": ffn.experts.w_down.detach()}
+    return experts_to_dense(tensors, ffn.unit_permutation)["up.weight"]
+
+
+def expert_labels(moe: MoE) -> torch.Tensor:
+    """(F,) expert of each dense unit, from an MoE made by `moefy_ffn`."""
+    per = moe.cfg.expert_hidden
+    labels = torch.empty_like(moe.unit_permutation)
+    labels[moe.unit_permutation] = torch.arange(len(labels), device=labels.device) // per
+    return labels.cpu()
+
+
+def cluster_units(w_in_FD: torch.Tensor, num_experts: int, previous: torch.Tensor | None,
+                  iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Balanced k-means of the units, warm-started from `previous` labels when given and fresh;
+    the better of the two by the k-means objective. Returns (labels, {warm, fresh, chosen})."""
+    w = w_in_FD.detach().float().cpu()
+    fresh = balanced_kmeans(w, num_experts, iters=iters, seed=seed)
+    info = {"fresh": clustering_score(w, fresh, num_experts), "warm": None, "chosen": "fresh"}
+    if previous is None:
+        return fresh, info
+    warm = balanced_kmeans(w, num_experts, iters=iters, init_labels=previous.cpu())
+    info["warm"] = clustering_score(w, warm, num_experts)
+    if info["warm"] >= info["fresh"]:
+        info["chosen"] = "warm"
+        return warm, info
+    return fresh, info
+
+
+def router_recall(ffn: DenseFFN, moe: MoE, x_Td: torch.Tensor) -> float:
+    """Share of each token's k truly most active experts (largest sum of the dense FFN's ReLU
+    activations over the expert's units) that the router's top-k picks. Random routing: k / E."""
+    E, k = moe.cfg.num_experts, moe.cfg.top_k
+    with torch.no_grad():
+        h_TF = torch.relu(ffn.up(x_Td))
+        mass_TE = torch.zeros(len(x_Td), E, device=x_Td.device).index_add_(
+            1, expert_labels(moe).to(x_Td.device), h_TF.float())
+        true_TK = mass_TE.topk(k, dim=-1).indices
+        picked_TK = moe.router.gate(x_Td).topk(k, dim=-1).indices
+    hits = (true_TK[:, :, None] == picked_TK[:, None, :]).any(-1).float()
+    return float(hits.mean())
+
+
+# --- dense <-> sparse ------------------------------------------------------------------------------------
+
+def sparse_ffn(ffn: DenseFFN, labels: torch.Tensor, num_experts: int, top_k: int) -> MoE:
+    """The SSD MoE of a dense FFN: units grouped by `labels`, centroid router, unweighted,
+    dropless, auxiliary losses off (the router is rebuilt from the clustering, not learned)."""
+    return moefy_ffn(ffn, num_experts, top_k, labels=labels, aux_loss_coef=0.0, z_loss_coef=0.0)
+
+
+def to_moe(model: GPT, top_k: int, num_experts: int | None = None,
+           labels: dict | None = None) -> GPT:
+    """Every dense FFN of `model` replaced, in place, by its MoE with `top_k` experts (clustered
+    now unless `labels` {layer: (F,) labels} is given); the same weights, for sparse inference."""
+    if num_experts is None and labels is None:
+        raise UserError("to_moe: pass num_experts, or labels to take the experts from")
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.ffn, DenseFFN):
+            E = num_experts or len(torch.unique(labels[i]))
+            layer_labels = labels[i] if labels else cluster_units(block.ffn.up.weight, E, None)[0]
+            block.ffn = sparse_ffn(block.ffn, layer_labels, E, top_k)
+    return model
+
+
+def to_dense(model: GPT) -> GPT:
+    """Every MoEfied FFN of `model` merged back, in place (exact)."""
+    for block in model.blocks:
+        if isinstance(block.ffn, MoE):
+            block.ffn = merge_moe(block.ffn, "relu")
+    return model
+
+
+# --- swapping modules between steps ---------------------------------------------------------------------
+# SSD replaces submodules between steps (dense FFNs by MoE layers and back). The optimizer is rebuilt
+# for the new parameters and the wrapper (compile, DDP) around the model; AdamW's moments follow the
+# weights through the same `carry` map that moved the weights, so that a swap and its inverse with
+# no step between leave weights and moments bit-identical.
+
+def swap_modules(trainer, swaps: dict) -> None:
+    """Replace submodules of `trainer.model`: {path ("blocks.1.ffn"): (new module, carry)}.
+    `carry` maps the old module's {parameter name: tensor} to the new module's (e.g.
+    `minillm.moefy.dense_to_experts`); it is applied to every per-parameter optimizer tensor
+    (exp_avg, exp_avg_sq), and the step count is copied. Parameters of the new module that `carry`
+    does not produce start with fresh moments; parameters outside the swapped modules keep theirs.
+    Every rank must swap alike at the same step (DDP is rebuilt, which broadcasts rank 0's
+    weights)."""
+    if trainer.cfg.fsdp:
+        raise UserError("swapping modules between steps (SSD's dense <-> sparse switch) is not "
+                        "supported under FSDP (--fsdp): the shards would have to be rebuilt; "
+                        "run with DDP")
+    if trainer.sharded:
+        raise UserError("swapping modules between steps (SSD's dense <-> sparse switch) is not "
+                        "supported with --expert-parallel: run without it")
+    old_state = trainer.optimizer.state
+    carried = {}
+    for path, (module, carry) in swaps.items():
+        parent_path, _, name = path.rpartition(".")
+        parent = trainer.model.get_submodule(parent_path)
+        old_params = dict(getattr(parent, name).named_parameters())
+        states = {n: old_state[p] for n, p in old_params.items() if old_state.get(p)}
+        module = module.to(trainer.device)
+        new_params = dict(module.named_parameters())
+        if states:
+            step = next(iter(states.values())).get("step")
+            keys = {k for s in states.values() for k, v in s.items()
+                    if k != "step" and isinstance(v, torch.Tensor)}
+            per_key = {k: carry({n: s[k] for n, s in states.items() if k in s}) for k in keys}
+            for k, mapped in per_key.items():
+                for n, tensor in mapped.items():
+                    entry = carried.setdefault(new_params[n], {})
+                    entry[k] = tensor.to(trainer.device)
+                    if step is not None:
+                        entry["step"] = step.clone()
+        setattr(parent, name, module)
+    kept = {p: old_state[p] for p in trainer.model.parameters() if p in old_state}
+    trainer.optimizer = make_optimizer(trainer.model, trainer.cfg, trainer.device)
+    for p in trainer.model.parameters():
+        if p in kept:
+            trainer.optimizer.state[p] = kept[p]
+        elif p in carried:
+            trainer.optimizer.state[p] = carried[p]
+    trainer.wrap()
+
+
+# --- executed FLOPs ------------------------------------------------------------------------------------
+
+class FlopMeter:
+    """Matmul FLOPs of the forward passes the model executes in training, counted by forward hooks
+    from the shapes each module ran on (2 per multiply-add). Categories: attention (projections and
+    the two score matmuls, full T x T as the CPU math kernel computes them), ffn (dense FFN), experts
+    (every slot of the MoE buffer, padding included), padding (the padded slots' share of experts),
+    router, head. Element-wise work (norms, activations, softmax) and embedding lookups are not
+    counted. A training step executes 3x its forward FLOPs (backward: input and weight gradients)."""
+
+    def __init__(self):
+        self.handles = []
+        self.step = {}
+        self._kept = []  # (kept-entry count tensor, FLOPs per slot) of this step's MoE calls
+
+    def attach(self, model: nn.Module) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                kind = ("router" if name.endswith("router.gate") else "ffn" if ".ffn." in name
+                        else "head" if name == "lm_head" else "attention")
+                self.handles.append(m.register_forward_hook(self._linear_hook(kind)))
+            elif isinstance(m, Experts):
+                self.handles.append(m.register_forward_hook(self._experts_hook))
+            elif isinstance(m, MoE):
+                self.handles.append(m.register_forward_hook(self._moe_hook))
+            elif isinstance(m, Attention):
+                self.handles.append(m.register_forward_hook(self._attention_hook))
+
+    def _add(self, kind: str, flops: int) -> None:
+        self.step[kind] = self.step.get(kind, 0) + flops
+
+    @staticmethod
+    def _counting(module) -> bool:
+        return module.training and torch.is_grad_enabled()
+
+    def _linear_hook(self, kind):
+        def hook(module, inputs, output):
+            if self._counting(module):
+                tokens = inputs[0].numel() // module.in_features
+                self._add(kind, 2 * tokens * module.in_features * module.out_features)
+        return hook
+
+    def _experts_hook(self, module, inputs, output):
+        if self._counting(module):
+            E, C, d = inputs[0].shape
+            per_slot = 2 * d * module.w_up.shape[2] * (3 if module.w_gate is not None else 2)
+            self._add("experts", E * C * per_slot)
+            self._slots = (E * C, per_slot)
+
+    def _moe_hook(self, module, inputs, output):
+        if self._counting(module):
+            slots, per_slot = self._slots
+            self._kept.append((slots - module.stats["tokens_per_expert"].sum(), per_slot))
+
+    def _attention_hook(self, module, inputs, output):
+        if self._counting(module):
+            B, T, _ = inputs[0].shape
+            cache = inputs[3]
+            keys = T + (cache.length if cache is not None else 0)
+            cfg = module.cfg
+            self._add("attention", 4 * B * cfg.n_head * T * keys * cfg.head_dim)
+
+    def take_step(self) -> dict:
+        """This step's training FLOPs by category (3x forward), and reset; reads the device once."""
+        step = {k: 3 * v for k, v in self.step.items()}
+        if self._kept:
+            step["padding"] = 3 * sum(int(padded) * per_slot for padded, per_slot in self._kept)
+        self.step, self._kept = {}, []
+        return step
 
 
 def dense_flop_meter(trainer):
