@@ -1,5 +1,6 @@
-"""Sheared-LLaMA: hard-concrete statistics, the Lagrangian reaching the target, compact == masked,
-Hugging Face export of the compact model, exact resume of a pruning run, dynamic batch loading."""
+"""Sheared-LLaMA: hard-concrete statistics, the in-place clamp, the per-row Lagrangian by hand, a
+tiny pruning run ending on target, compact == masked, Hugging Face export of the compact model,
+exact resume of a pruning run, dynamic batch loading, the script's table and errors."""
 
 import json
 import math
