@@ -1,5 +1,6 @@
-"""Sheared-LLaMA: hard-concrete statistics, the Lagrangian reaching the target, compact == masked,
-Hugging Face export of the compact model, exact resume of a pruning run, dynamic batch loading."""
+"""Sheared-LLaMA: hard-concrete statistics, the in-place clamp, the per-row Lagrangian by hand, a
+tiny pruning run ending on target, compact == masked, Hugging Face export of the compact model,
+exact resume of a pruning run, dynamic batch loading, the script's table and errors."""
 
 import json
 import math
@@ -8,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from minillm.checkpoint import load_model
 from minillm.corpus import stdlib_docstrings
 from minillm.data import prepare
 from minillm.distributed import DistInfo
 from minillm.errors import UserError
-from minillm.model import GPT, preset
-from minillm.methods.sheared import (DynamicBatchLoading, HardConcrete, PruningSchedule, ShearingMasks,
-                                     TargetShape, check_hf_exportable, compact, dbl_update, keep_top,
-                                     load_reference_losses, magnitude_masks)
+from minillm.model import GPT, ModelConfig, preset
+from minillm.methods.sheared import (BETA, DynamicBatchLoading, HardConcrete, PruningSchedule,
+                                     ShearingMasks, TargetShape, check_hf_exportable, compact,
+                                     dbl_update, keep_top, load_reference_losses, magnitude_masks)
 from minillm.tokenizer import train_bpe
 from minillm.train import TrainConfig, Trainer, make_optimizer
 
@@ -42,33 +44,57 @@ def trained_masks(model, target, seed=1):
 def test_sampled_gates_match_the_closed_form_probability_of_being_nonzero():
     torch.manual_seed(0)
     gate = HardConcrete((7,))
+    torch.testing.assert_close(gate.log_alpha.detach(), torch.full((7,), math.log(100.0)))  # 5, clamped
+    assert gate.prob_nonzero().min() > 0.997  # the initial log_alpha keeps (almost) everything
     with torch.no_grad():
-        gate.log_alpha.copy_(torch.tensor([-4.0, -2.0, -1.0, 0.0, 1.0, 2.5, 5.0]))
+        gate.log_alpha.copy_(torch.tensor([-4.0, -2.0, -1.0, 0.0, 1.0, 2.5, 4.0]))
     z = torch.stack([gate.sample() for _ in range(20_000)])
     assert z.min() == 0 and z.max() == 1  # hard: exact zeros and ones occur
     torch.testing.assert_close((z != 0).float().mean(0), gate.prob_nonzero().detach(), atol=0.012, rtol=0)
-    assert gate.prob_nonzero()[-1] > 0.998  # the initial log_alpha keeps (almost) everything
+    # eval-mode gates (the authors' deterministic z): the round(expected non-zero) highest stay
+    expected_kept = int(gate.prob_nonzero().sum().round())
+    kept = gate.deterministic()
+    assert (kept != 0).tolist() == [False] * (7 - expected_kept) + [True] * expected_kept
 
 
-def test_the_lagrangian_drives_expected_sparsity_to_the_target():
-    torch.manual_seed(0)
-    model = GPT(preset("tiny-llama", **LLAMA))
-    target = TargetShape(n_layer=2, n_head=2, n_embd=16, ffn_hidden=24)
-    masks = ShearingMasks(model.config, target, mask_lr=0.1, lambda_lr=0.1)
-    model.mask_source = masks
-    opt = make_optimizer(model, TrainConfig(lr=1e-3), torch.device("cpu"))
-    lambda_group = [g for g in opt.param_groups if g.get("maximize")]
-    assert len(lambda_group) == 1 and lambda_group[0]["weight_decay"] == 0.0
-    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if g.get("own_lr"))
-    x = torch.randint(0, 300, (2, 16))
-    for step in range(400):
-        masks.progress = min(1.0, step / 100)
-        out = model(x, x)
-        (out.loss + out.aux_losses["lagrangian"]).backward()
-        opt.step()
-        opt.zero_grad()
-    expected = masks.expected_sparsity().detach()
-    torch.testing.assert_close(expected, masks.target_sparsity, atol=0.06, rtol=0)
+def test_log_alpha_is_clamped_in_place_and_keeps_its_gradient():
+    gate = HardConcrete((3,))
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-7.0, 0.0, 7.0]))
+    gate.constrain_()
+    assert gate.log_alpha.tolist() == pytest.approx([math.log(0.01), 0.0, math.log(100.0)])
+    gate.row_sparsity().sum().backward()
+    assert (gate.log_alpha.grad != 0).all()  # a clamp in the forward pass would zero the ends
+
+
+def test_the_lagrangian_is_taken_per_row_as_by_hand():
+    """P(z != 0) = 1 - sigmoid(c - log_alpha), c = beta log(1/11): log_alpha = c + log 3 gives 3/4,
+    c gives 1/2, c - log 3 gives 1/4, so each row's expected sparsity is a simple fraction."""
+    source = ModelConfig(vocab_size=8, n_layer=2, n_head=2, n_kv_head=2, n_embd=4, head_dim=2,
+                         ffn_hidden=2)
+    masks = ShearingMasks(source, TargetShape(n_layer=1, n_head=1, n_embd=2, ffn_hidden=1))
+    c, up, down = BETA * math.log(1 / 11), BETA * math.log(1 / 11) + math.log(3), BETA * math.log(1 / 11) - math.log(3)
+    log_alphas = {"layer": [up, down],                  # sparsity 1/2
+                  "head": [[c, c], [up, up]],           # rows 1/2, 1/4
+                  "ffn": [[down, down], [c, down]],     # rows 3/4, 5/8
+                  "hidden": [up, up, up, up]}           # 1/4
+    with torch.no_grad():
+        for kind, value in log_alphas.items():
+            masks.gates[kind].log_alpha.copy_(torch.tensor(value))
+        masks.lambda1.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        masks.lambda2.copy_(torch.tensor([8.0, 4.0, 2.0, 1.0]))
+    rows = masks.row_sparsity()
+    torch.testing.assert_close(rows["ffn"], torch.tensor([0.75, 0.625]))
+    # every target is 1/2; gaps per row: layer [0], head [0, -1/4], ffn [1/4, 1/8], hidden [-1/4]
+    by_hand = (0.0
+               + (0.0 + (2 * -0.25 + 4 * 0.0625)) / 2
+               + ((3 * 0.25 + 2 * 0.0625) + (3 * 0.125 + 2 * 0.015625)) / 2
+               + (4 * -0.25 + 1 * 0.0625))
+    assert masks.lagrangian().item() == pytest.approx(by_hand) == pytest.approx(-0.421875)
+    masks.progress = 0.5  # during the warm-up the target is half way: 1/4 for every kind
+    head = (2 * 0.25 + 4 * 0.0625 + 0.0) / 2
+    ffn = ((3 * 0.5 + 2 * 0.25) + (3 * 0.375 + 2 * 0.140625)) / 2
+    assert masks.lagrangian().item() == pytest.approx(1 * 0.25 + 8 * 0.0625 + head + ffn + 0.0)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -164,6 +190,26 @@ def pruning_run(domains, out, callbacks_of, **kw):
     return trainer
 
 
+def test_a_tiny_pruning_run_ends_on_target(domains, tmp_path):
+    trainer = pruning_run(domains, tmp_path, lambda m: [PruningSchedule(m, 30)], max_steps=150,
+                          log_interval=50, ckpt_interval=150, lr=1e-3)
+    masks = trainer.callbacks[0].masks
+    groups = [g for g in trainer.optimizer.param_groups if g.get("own_lr")]
+    assert [g["peak_lr"] for g in groups] == [1.0, 1.0] and [g.get("maximize", False) for g in groups] == [False, True]
+    assert all(g["weight_decay"] == 0.0 for g in groups)
+    history = trainer.train()
+    # the masks' lr followed the schedule: at the last step, the cosine's end of 0.1 x lr
+    assert groups[0]["lr"] == pytest.approx(history[-1]["lr"] / 1e-3)
+    assert masks.off_target(0.02) == {}, masks.row_sparsity()
+    last = history[-1]
+    for i, kind in enumerate(("layer", "head", "ffn", "hidden")):
+        assert last[f"target/{kind}"] == pytest.approx(float(masks.target_sparsity[i]))
+        assert last[f"worst_gap/{kind}"] <= 0.02
+    assert all(masks.gates[k].log_alpha.abs().max() <= math.log(100) + 1e-6 for k in masks.gates)
+    small = compact(trainer.model, masks.final_masks())
+    assert (small.config.n_layer, small.config.n_head, small.config.n_embd, small.config.ffn_hidden) == (1, 2, 16, 32)
+
+
 def test_a_pruning_run_resumes_exactly(domains, tmp_path):
     full = pruning_run(domains, tmp_path / "full", lambda m: [PruningSchedule(m, 4)]).train()
 
@@ -220,63 +266,81 @@ def test_reference_losses_file_errors(tmp_path):
     assert load_reference_losses(tmp_path / "ref.json", []) == {}
 
 
-def test_the_script_runs_at_a_tiny_size_and_resumes_by_stage(domains, tmp_path, capsys):
+def load_script():
     import importlib.util
     from pathlib import Path
-
-    from minillm.checkpoint import load_model
     spec = importlib.util.spec_from_file_location(
         "sheared_script", Path(__file__).resolve().parents[1] / "scripts" / "sheared.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_the_script_runs_at_a_tiny_size_and_resumes_by_stage(domains, tmp_path, capsys):
+    script = load_script()
     argv = ["--out-dir", str(tmp_path), "--domains", f"a={domains / 'a'}", f"b={domains / 'b'}",
-            "--source-steps", "8", "--prune-steps", "6", "--prune-warmup", "3", "--continue-steps",
-            "4", "--block-size", "16", "--batch-size", "4", "--eval-interval", "2",
-            "--eval-batches", "1", "--target-n-layer", "2", "--target-n-head", "2",
-            "--target-n-embd", "32", "--target-ffn-hidden", "64"]
+            "--source-steps", "8", "--prune-steps", "6", "--continue-steps", "4", "--seeds", "0",
+            "--block-size", "16", "--batch-size", "4", "--eval-interval", "2", "--eval-batches", "1",
+            "--target-n-layer", "2", "--target-n-head", "2", "--target-n-embd", "32",
+            "--target-ffn-hidden", "64"]
     script.main(argv)
     first = capsys.readouterr().out
-    pruned = load_model(tmp_path / "pruned.pt")[0].config
-    assert (pruned.n_layer, pruned.n_head, pruned.n_kv_head, pruned.n_embd, pruned.ffn_hidden) == (2, 2, 1, 32, 64)
+    pruned, _, extra = load_model(tmp_path / "seed0" / "pruned.pt")
+    cfg = pruned.config
+    assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd, cfg.ffn_hidden) == (2, 2, 1, 32, 64)
+    assert set(extra["row_sparsity"]) == {"layer", "head", "ffn", "hidden"}
     for row in ("source", "sheared + DBL", "sheared, static mix", "magnitude pruned", "from scratch"):
         assert f"\n{row} " in first
-    before = (tmp_path / "pruned.pt").stat().st_mtime_ns
+    # six steps cannot reach the target: the table and a closing line say so
+    assert "NO (" in first and "pruning did NOT end on target" in first
+    assert "    step     6  layer " in first  # the sparsity trace of the pruning run
+    before = (tmp_path / "seed0" / "pruned.pt").stat().st_mtime_ns
     script.main(argv)  # a second run into the same folder reuses the finished stages
     second = capsys.readouterr().out
     assert "--- source" not in second and "--- pruning" not in second
-    assert (tmp_path / "pruned.pt").stat().st_mtime_ns == before
+    assert (tmp_path / "seed0" / "pruned.pt").stat().st_mtime_ns == before
+    assert second.split("\nshape:")[1].splitlines()[:11] == first.split("\nshape:")[1].splitlines()[:11]
     with pytest.raises(UserError, match="target n_embd 999 does not fit"):
         script.main(argv[:-8] + ["--target-n-embd", "999", "--out-dir", str(tmp_path / "new")])
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--threads", "0", "--threads 0: expected at least 1"),
+    ("--lr", "0", "--lr 0.0: expected a positive number"),
+    ("--prune-warmup-fraction", "1.5", "--prune-warmup-fraction 1.5: expected 0 to 1"),
+    ("--prune-steps", "3", "--prune-steps 3 x --prune-batch-size 2 is not a multiple of --batch-size 16"),
+    ("--seeds", "1 1", "--seeds \\[1, 1\\]: expected one or more distinct seeds"),
+])
+def test_the_script_refuses_bad_values_by_name(tmp_path, flag, value, message):
+    with pytest.raises(UserError, match=message):
+        load_script().main(["--out-dir", str(tmp_path), flag, *value.split()])
+    assert not tmp_path.joinpath("settings.json").exists()
 
 
 @pytest.mark.slow
 def test_the_script_prunes_under_fsdp_on_two_processes(domains, tmp_path):
     from pathlib import Path
 
-    from minillm.checkpoint import load_model
     from tests.distributed import torchrun
     out = torchrun(Path(__file__).resolve().parents[1] / "scripts" / "sheared.py",
                    "--out-dir", str(tmp_path), "--domains", f"a={domains / 'a'}", f"b={domains / 'b'}",
-                   "--source-steps", "4", "--prune-steps", "4", "--prune-warmup", "2",
+                   "--source-steps", "4", "--prune-steps", "4", "--seeds", "0",
                    "--continue-steps", "2", "--block-size", "16", "--batch-size", "2",
                    "--grad-accum", "2", "--eval-interval", "1", "--eval-batches", "1",
                    "--target-n-layer", "2", "--target-n-head", "2", "--target-n-embd", "32",
                    "--target-ffn-hidden", "64", "--fsdp", "true", "--device", "cpu", timeout=240)
     assert "\nmagnitude pruned " in out and "final mixture weights with DBL" in out
-    pruned = load_model(tmp_path / "pruned.pt")[0].config
+    pruned = load_model(tmp_path / "seed0" / "pruned.pt")[0].config
     assert (pruned.n_layer, pruned.n_head, pruned.n_embd, pruned.ffn_hidden) == (2, 2, 32, 64)
-    state = torch.load(tmp_path / "prune" / "ckpt_0000004.pt", weights_only=True)
+    state = torch.load(tmp_path / "seed0" / "prune" / "ckpt_0000004.pt", weights_only=True)
     assert not torch.equal(state["model"]["mask_source.lambda2"], torch.zeros(4))  # maximised
+    for kind in ("layer", "head", "ffn", "hidden"):  # the in-place clamp also holds the shards
+        assert state["model"][f"mask_source.gates.{kind}.log_alpha"].abs().max() <= math.log(100) + 1e-6
 
 
 def test_the_script_refuses_to_reuse_stages_made_with_other_settings(domains, tmp_path):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        "sheared_script", Path(__file__).resolve().parents[1] / "scripts" / "sheared.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script()
     (tmp_path / "settings.json").write_text(json.dumps({"target_n_embd": 16}))
     with pytest.raises(UserError, match="holds a run with other settings.*--target-n-embd 16 -> 32"):
         script.main(["--out-dir", str(tmp_path), "--domains", f"a={domains / 'a'}",

@@ -2,10 +2,14 @@
 dynamic batch loading.
 
 Pruning learns hard-concrete masks (Louizos et al. 2018) on layers, key/value head groups, FFN units
-and hidden dimensions while the weights keep training. A Lagrangian per mask kind,
-lambda1 (s - t) + lambda2 (s - t)^2 on the expected sparsity s and a target t warmed up linearly
-from 0, pulls the masks to the target shape; the multipliers are maximised (min over weights and
-masks, max over lambdas). The final masks keep exactly the target number per row, and `compact`
+and hidden dimensions while the weights keep training. The masks are pulled to the target shape by
+a Lagrangian on the expected sparsity of every *row* of a mask (per layer for heads and FFN units;
+one row for layers, one for hidden dimensions), averaged over the rows of a kind:
+
+    L_kind = mean_rows( lambda1 (s_row - t) + lambda2 (s_row - t)^2 ),   t warmed up linearly from 0,
+
+minimised over weights and masks and maximised over the lambdas (one pair per kind), as in the
+authors' `l0_module.py`. The final masks keep exactly the target number per row, and `compact`
 removes the rest physically, folding the mask values into the weights: the compact model equals the
 masked one. Dynamic batch loading then re-weights the domains of the mixture towards those whose
 validation loss is furthest above a reference loss.
@@ -13,9 +17,9 @@ validation loss is furthest above a reference loss.
 How the pieces meet the primitives: `ShearingMasks` is set as `model.mask_source`, so the
 trainer's plain `model(x, y)` samples masks inside the forward pass and gets the Lagrangian as an
 auxiliary loss; its parameters claim their own optimizer groups (`optimizer_groups`, no weight
-decay, a constant lr, `maximize=True` for the lambdas); they are part of the model's state dict, so
-checkpoints and exact resume need nothing special. `PruningSchedule` and `DynamicBatchLoading` are
-trainer callbacks.
+decay, `maximize=True` for the lambdas); they are part of the model's state dict, so checkpoints
+and exact resume need nothing special. `PruningSchedule` (the target's warm-up, the masks' lr, the
+clamp of log_alpha, the sparsity log) and `DynamicBatchLoading` are trainer callbacks.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..model import GPT, PRESETS, Masks, ModelConfig
+from ..train import lr_at
 
-# Hard-concrete constants of the paper (stretch interval (l, r), temperature beta) and the initial
-# log_alpha: about 5 keeps every unit at first (P(z != 0) = 0.9986).
+# Hard-concrete constants of the paper (stretch interval (l, r), temperature beta). log_alpha starts
+# near 5 and is kept in [log 1e-2, log 1e2] (about +-4.6) by clamping the *parameter* after every
+# optimizer step, as the authors' `constrain_parameters` does before every forward pass; a clamp
+# inside the forward pass would zero its gradient outside the range and freeze it there.
 LIMIT_L, LIMIT_R, BETA = -0.1, 1.1, 2.0 / 3.0
 INIT_LOG_ALPHA = 5.0
-LOG_ALPHA_RANGE = 10.0  # log_alpha is clamped to +-10 where it is used
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)
+SCORE_SCALE = 0.8  # the authors' deterministic score is sigmoid(0.8 log_alpha / beta)
 KINDS = ("layer", "head", "ffn", "hidden")
 
 
@@ -44,29 +52,54 @@ KINDS = ("layer", "head", "ffn", "hidden")
 
 class HardConcrete(nn.Module):
     """A tensor of hard-concrete gates z in [0, 1], with exact zeros and ones, of a learned
-    `log_alpha` of the same shape."""
+    `log_alpha` of the same shape: (C,) is one row of C gates, (R, C) is R rows."""
 
     def __init__(self, shape: tuple[int, ...], init_log_alpha: float = INIT_LOG_ALPHA,
                  init_std: float = 0.01):
         super().__init__()
         self.log_alpha = nn.Parameter(init_log_alpha + init_std * torch.randn(shape))
+        self.constrain_()
 
-    def _log_alpha(self) -> torch.Tensor:
-        return self.log_alpha.clamp(-LOG_ALPHA_RANGE, LOG_ALPHA_RANGE)
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Clamp log_alpha into [log 1e-2, log 1e2] in place (its gradient is untouched)."""
+        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def sample(self) -> torch.Tensor:
         """z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta) (r - l) + l, 0, 1)."""
         u = torch.rand_like(self.log_alpha).clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((u.log() - (1 - u).log() + self._log_alpha()) / BETA)
+        s = torch.sigmoid((u.log() - (1 - u).log() + self.log_alpha) / BETA)
         return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0, 1)
-
-    def deterministic(self) -> torch.Tensor:
-        """Louizos et al.'s test-time gate: clamp(sigmoid(log_alpha) (r - l) + l, 0, 1)."""
-        return (torch.sigmoid(self._log_alpha()) * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0, 1)
 
     def prob_nonzero(self) -> torch.Tensor:
         """P(z != 0) = 1 - sigmoid(beta log(-l / r) - log_alpha), in closed form."""
-        return 1 - torch.sigmoid(BETA * math.log(-LIMIT_L / LIMIT_R) - self._log_alpha())
+        return prob_nonzero(self.log_alpha)
+
+    def row_sparsity(self) -> torch.Tensor:
+        """(R,) expected share of zero gates in each row ((1,) for a one-row mask)."""
+        return row_sparsity(self.log_alpha)
+
+    @torch.no_grad()
+    def deterministic(self, keep_per_row: int | None = None) -> torch.Tensor:
+        """The authors' deterministic gates: the score sigmoid(0.8 log_alpha / beta), with the
+        lowest scores of each row set to 0 so that `keep_per_row` stay (default: the expected
+        number of non-zero gates of the row, rounded). A kept score is never 0."""
+        la_RC = self.log_alpha.detach().reshape(-1, self.log_alpha.shape[-1])
+        if keep_per_row is None:
+            keep_R = self.prob_nonzero().detach().reshape(la_RC.shape).sum(-1).round().long()
+        else:
+            keep_R = torch.full((la_RC.shape[0],), keep_per_row)
+        keep_RC = torch.stack([keep_top(row[None], int(k))[0] for row, k in zip(la_RC, keep_R)])
+        return (keep_RC * torch.sigmoid(SCORE_SCALE * la_RC / BETA)).reshape(self.log_alpha.shape)
+
+
+def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
+    return 1 - torch.sigmoid(BETA * math.log(-LIMIT_L / LIMIT_R) - log_alpha)
+
+
+def row_sparsity(log_alpha: torch.Tensor) -> torch.Tensor:
+    """(R,) expected share of zero gates per row of a (C,) or (R, C) log_alpha."""
+    return 1 - prob_nonzero(log_alpha).reshape(-1, log_alpha.shape[-1]).mean(-1)
 
 
 # --- the target shape -------------------------------------------------------------------------------
@@ -119,10 +152,13 @@ class ShearingMasks(nn.Module):
     """Hard-concrete masks on layers (L,), key/value head groups (L, G), FFN units (L, F) and hidden
     dimensions (d,), with one pair of Lagrange multipliers per kind. Set as `model.mask_source`:
     in training it returns sampled masks and {"lagrangian": ...}; in eval, deterministic masks.
-    `progress` (0 to 1, set by `PruningSchedule`) scales the target sparsity during its warm-up."""
+    `progress` (0 to 1, set by `PruningSchedule`) scales the target sparsity during its warm-up.
+    `mask_lr` and `lambda_lr` are peak learning rates (the authors' `lag_lr`, 1.0 for both);
+    `PruningSchedule` scales them by the trainer's schedule, as the authors' scheduler scales
+    every parameter group."""
 
-    def __init__(self, source: ModelConfig, target: TargetShape, mask_lr: float = 0.1,
-                 lambda_lr: float = 0.1):
+    def __init__(self, source: ModelConfig, target: TargetShape, mask_lr: float = 1.0,
+                 lambda_lr: float = 1.0):
         super().__init__()
         self.counts = target.counts(source)
         self.group = source.n_head // source.n_kv_head
@@ -138,19 +174,33 @@ class ShearingMasks(nn.Module):
 
     def optimizer_groups(self, cfg) -> list[dict]:
         """Masks and multipliers in groups of their own: no weight decay (the trainer's default
-        groups would decay the (L, G) and (L, F) log_alphas), a constant lr, lambdas maximised."""
+        groups would decay the (L, G) and (L, F) log_alphas), lambdas maximised. `own_lr`: the
+        trainer leaves their lr alone; `PruningSchedule` sets it to `peak_lr` x the schedule."""
         return [{"params": [g.log_alpha for g in self.gates.values()], "lr": self.mask_lr,
-                 "weight_decay": 0.0, "own_lr": True},
-                {"params": [self.lambda1, self.lambda2], "lr": self.lambda_lr, "weight_decay": 0.0,
-                 "own_lr": True, "maximize": True}]
+                 "peak_lr": self.mask_lr, "weight_decay": 0.0, "own_lr": True},
+                {"params": [self.lambda1, self.lambda2], "lr": self.lambda_lr,
+                 "peak_lr": self.lambda_lr, "weight_decay": 0.0, "own_lr": True, "maximize": True}]
+
+    def row_sparsity(self) -> dict[str, torch.Tensor]:
+        """{kind: (R,) expected sparsity of each row}: layers and hidden one row, heads and FFN
+        units one row per layer."""
+        return {k: self.gates[k].row_sparsity() for k in KINDS}
 
     def expected_sparsity(self) -> torch.Tensor:
-        """(4,) expected share of zero gates per kind (layer, head, ffn, hidden), closed form."""
-        return torch.stack([1 - self.gates[k].prob_nonzero().mean() for k in KINDS])
+        """(4,) mean expected share of zero gates per kind (layer, head, ffn, hidden)."""
+        return torch.stack([s.mean() for s in self.row_sparsity().values()])
 
     def lagrangian(self) -> torch.Tensor:
-        gap = self.expected_sparsity() - self.target_sparsity * self.progress
-        return (self.lambda1 * gap + self.lambda2 * gap * gap).sum()
+        """sum over kinds of mean over rows of lambda1 (s - t) + lambda2 (s - t)^2."""
+        total = 0.0
+        for i, sparsity_R in enumerate(self.row_sparsity().values()):
+            gap_R = sparsity_R - self.target_sparsity[i] * self.progress
+            total = total + (self.lambda1[i] * gap_R + self.lambda2[i] * gap_R * gap_R).mean()
+        return total
+
+    def constrain_(self) -> None:
+        for gate in self.gates.values():
+            gate.constrain_()
 
     def _masks(self, z: dict[str, torch.Tensor]) -> Masks:
         return Masks(layer=z["layer"], head=z["head"].repeat_interleave(self.group, dim=1),
@@ -163,17 +213,21 @@ class ShearingMasks(nn.Module):
 
     @torch.no_grad()
     def final_masks(self) -> Masks:
-        """Deterministic masks with exactly the target count per row: the gates of highest
-        log_alpha are kept (ties to the lower index) at the authors' deterministic score
-        sigmoid(0.8 log_alpha / beta), which is never 0, so a kept gate stays kept; hidden
-        dimensions at 1 (a hidden mask scales every norm output: only 0 / 1 folds into weights)."""
-        z = {}
-        for kind, gate in self.gates.items():
-            scores = gate._log_alpha().detach()
-            keep = keep_top(scores if scores.dim() == 2 else scores[None], self.counts[kind][0])
-            keep = keep if scores.dim() == 2 else keep[0]
-            z[kind] = keep if kind == "hidden" else keep * torch.sigmoid(0.8 * scores / BETA)
+        """The authors' deterministic masks with exactly the target count per row (the highest
+        log_alphas, ties to the lower index, at their score sigmoid(0.8 log_alpha / beta));
+        hidden dimensions at 1 (a hidden mask scales every norm output: only 0 / 1 folds into
+        the weights)."""
+        z = {kind: gate.deterministic(self.counts[kind][0]) for kind, gate in self.gates.items()}
+        z["hidden"] = (z["hidden"] != 0).float()
         return self._masks(z)
+
+    @torch.no_grad()
+    def off_target(self, tolerance: float = 0.02) -> dict[str, float]:
+        """{kind: worst |row sparsity - full target|} of the kinds with a row further than
+        `tolerance` from its target; empty when pruning ended on target."""
+        worst = {k: float((s - self.target_sparsity[i]).abs().max())
+                 for i, (k, s) in enumerate(self.row_sparsity().items())}
+        return {k: v for k, v in worst.items() if v > tolerance}
 
 
 def keep_top(scores_RC: torch.Tensor, k: int) -> torch.Tensor:
@@ -183,22 +237,33 @@ def keep_top(scores_RC: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class PruningSchedule:
-    """Trainer callback: warms the target up linearly over `warmup_steps` and logs the expected
-    sparsity of each mask kind on log steps."""
+    """Trainer callback of a pruning run, as the authors' pruning callback, scheduler and
+    `constrain_parameters`: before a step, the target sparsity is warmed up linearly over
+    `warmup_steps` and the masks' and lambdas' lr follow the trainer's schedule (warmup, cosine);
+    after it, log_alpha is clamped back into range and, on log steps, each kind's mean and worst
+    row's expected sparsity are logged against the current target."""
 
     def __init__(self, masks: ShearingMasks, warmup_steps: int):
         self.masks, self.warmup_steps = masks, warmup_steps
 
     def on_step_start(self, trainer) -> None:
         self.masks.progress = min(1.0, trainer.step / max(self.warmup_steps, 1))
+        scale = lr_at(trainer.step, trainer.cfg) / trainer.cfg.lr
+        for group in trainer.optimizer.param_groups:
+            if "peak_lr" in group:
+                group["lr"] = group["peak_lr"] * scale
 
     def on_step_end(self, trainer, record) -> None:
-        if trainer.step % trainer.cfg.log_interval == 0:
-            s = self.masks.expected_sparsity().detach()
-            if hasattr(s, "full_tensor"):  # outside the forward pass FSDP keeps the masks sharded
-                s = s.full_tensor()
-            s = s.tolist()
-            record.update({f"sparsity/{k}": v for k, v in zip(KINDS, s)})
+        self.masks.constrain_()
+        if trainer.step % trainer.cfg.log_interval == 0 or trainer.step == trainer.cfg.max_steps:
+            target = (self.masks.target_sparsity * self.masks.progress).tolist()
+            for i, (kind, gate) in enumerate(self.masks.gates.items()):
+                log_alpha = gate.log_alpha.detach()
+                if hasattr(log_alpha, "full_tensor"):  # outside the forward pass FSDP keeps it sharded
+                    log_alpha = log_alpha.full_tensor()
+                s = row_sparsity(log_alpha)
+                record.update({f"sparsity/{kind}": float(s.mean()), f"target/{kind}": target[i],
+                               f"worst_gap/{kind}": float((s - target[i]).abs().max())})
 
 
 # --- naive structured pruning (a baseline) ---------------------------------------------------------
@@ -372,6 +437,7 @@ class DynamicBatchLoading:
                      **{f"excess_loss/{n}": float(x) for n, x in zip(names, losses - ref)}})
 
 
-__all__ = ["HardConcrete", "TargetShape", "ShearingMasks", "PruningSchedule", "keep_top",
+__all__ = ["HardConcrete", "prob_nonzero", "row_sparsity", "TargetShape", "ShearingMasks",
+           "PruningSchedule", "keep_top",
            "magnitude_masks", "compact", "check_hf_exportable", "load_reference_losses",
            "dbl_update", "DynamicBatchLoading"]
