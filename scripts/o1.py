@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.cli import parse_config
+from minillm.cli import given_fields, parse_config
 from minillm.errors import UserError, run_main
 from minillm.fileio import write_json
 from minillm.methods import o1, o1_reward
@@ -82,12 +82,12 @@ def check_config(cfg: O1Config) -> None:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be 0 or more")
 
 
-def shrink(cfg: O1Config) -> O1Config:
-    """The --tiny smoke run: everything a few steps or items."""
-    return O1Config(**{**asdict(cfg), "levels": [1, 2], "eval_level": 2, "eval_problems": 3,
-                       "budgets": [1, 2], "pretrain_steps": 4, "sft_steps": 8, "n_layer": 1,
-                       "n_embd": 16, "rm_problems": 4, "rm_samples": 2, "rollouts": 2,
-                       "rm_steps": 4, "beam_expand": 2, "mcts_children": 2})
+def shrink(cfg: O1Config, given: set[str] = frozenset()) -> O1Config:
+    """The --tiny smoke run: everything a few steps or items, except the flags the user `given`."""
+    small = {"levels": [1, 2], "eval_level": 2, "eval_problems": 3, "budgets": [1, 2],
+             "pretrain_steps": 4, "sft_steps": 8, "n_layer": 1, "n_embd": 16, "rm_problems": 4,
+             "rm_samples": 2, "rollouts": 2, "rm_steps": 4, "beam_expand": 2, "mcts_children": 2}
+    return O1Config(**{**asdict(cfg), **{k: v for k, v in small.items() if k not in given}})
 
 
 def reward_models(cfg: O1Config, policy: o1.Policy, cap: int, out_dir: Path, log):
@@ -150,7 +150,7 @@ def main(argv=None):
     cfg = parse_config(O1Config, argv, description=__doc__)
     check_config(cfg)
     if cfg.tiny:
-        cfg = shrink(cfg)
+        cfg = shrink(cfg, given_fields(O1Config, argv))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)

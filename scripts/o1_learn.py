@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.cli import parse_config
+from minillm.cli import given_fields, parse_config
 from minillm.errors import UserError, run_main
 from minillm.fileio import write_json
 from minillm.methods.o1 import PolicyConfig, policy_problems, task_problems, train_policy
@@ -117,12 +117,13 @@ class O1LearnConfig:
         "help": "torch CPU threads (a tiny model gains nothing from more on a shared machine)"})
 
 
-def tiny(cfg: O1LearnConfig) -> O1LearnConfig:
-    return dataclasses.replace(
-        cfg, policy_levels=[1], policy_problems_per_level=100, policy_pretrain_steps=0,
-        policy_sft_steps=12, question_levels=[1], eval_level=2, eval_problems=8, rounds=1,
-        steps_per_round=2, warmup_steps=1, batch_size=4, questions_per_round=4, group_size=3,
-        max_new_tokens=32)
+def tiny(cfg: O1LearnConfig, given: set[str] = frozenset()) -> O1LearnConfig:
+    """The --tiny smoke run's settings, except the flags the user `given` (they are kept)."""
+    small = dict(policy_levels=[1], policy_problems_per_level=100, policy_pretrain_steps=0,
+                 policy_sft_steps=12, question_levels=[1], eval_level=2, eval_problems=8, rounds=1,
+                 steps_per_round=2, warmup_steps=1, batch_size=4, questions_per_round=4,
+                 group_size=3, max_new_tokens=32)
+    return dataclasses.replace(cfg, **{k: v for k, v in small.items() if k not in given})
 
 
 def learn_config(cfg: O1LearnConfig, method: str) -> LearnConfig:
@@ -194,9 +195,10 @@ def table(results: dict[str, list[dict]], key: str) -> list[str]:
     return lines
 
 
-def main(cfg: O1LearnConfig) -> dict:
+def main(cfg: O1LearnConfig, given: set[str] = frozenset()) -> dict:
+    """Run the comparison; `given` names the flags the user set (--tiny keeps them)."""
     if cfg.tiny:
-        cfg = tiny(cfg)
+        cfg = tiny(cfg, given)
     for name in ("threads", "eval_problems", "question_pool", "rm_questions", "rm_chains",
                  "rm_steps", "prm_rollouts"):
         if getattr(cfg, name) < 1:
@@ -256,4 +258,4 @@ def main(cfg: O1LearnConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main, parse_config(O1LearnConfig, description=__doc__))
+    run_main(main, parse_config(O1LearnConfig, description=__doc__), given_fields(O1LearnConfig))

@@ -373,3 +373,12 @@ def test_the_script_runs_at_a_tiny_size_within_its_budgets_and_reuses_what_it_tr
         assert e.value.code == 2 and "--budgets" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
+
+
+def test_tiny_keeps_the_size_flags_the_user_gave():
+    script = load_script()
+    argv = ["--tiny", "true", "--eval-problems", "5", "--n-embd", "24"]
+    cfg = script.shrink(script.parse_config(script.O1Config, argv),
+                        script.given_fields(script.O1Config, argv))
+    assert (cfg.eval_problems, cfg.n_embd) == (5, 24)  # given: kept
+    assert (cfg.pretrain_steps, cfg.n_layer) == (4, 1)  # not given: the smoke run's

@@ -420,3 +420,15 @@ def test_script_with_reward_models_at_a_tiny_size(tmp_path):
     assert (tmp_path / "orm.pt").is_file() and (tmp_path / "prm.pt").is_file()
     with pytest.raises(UserError, match="other settings"):
         script.main(dataclasses.replace(cfg, rm_steps=5))
+
+
+def test_tiny_keeps_the_flags_the_user_gave():
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("o1_learn_tiny", root / "scripts/o1_learn.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--tiny", "true", "--eval-problems", "5", "--rounds", "3"]
+    cfg = script.tiny(script.parse_config(script.O1LearnConfig, argv),
+                      script.given_fields(script.O1LearnConfig, argv))
+    assert (cfg.eval_problems, cfg.rounds) == (5, 3)  # given: kept
+    assert (cfg.steps_per_round, cfg.batch_size) == (2, 4)  # not given: the smoke run's

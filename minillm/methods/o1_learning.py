@@ -219,7 +219,7 @@ def sample_rollouts(model: GPT, tokenizer: Tokenizer, problems: Sequence[Problem
     for i, problem in enumerate(problems):
         group = []
         for out in outs[i * n:(i + 1) * n]:
-            stopped = out.completion_tokens < max_new_tokens  # ended at <|endoftext|>
+            stopped = out.finish_reason == "stop"  # ended at <|endoftext|> (counted in the budget)
             completion = list(out.token_ids) + ([tokenizer.eot_id] if stopped else [])
             group.append(Rollout(problem, out.text, tokenizer.encode_ordinary(prompt(problem)),
                                  completion, float(check(problem, out.text))))
