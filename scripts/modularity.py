@@ -44,7 +44,7 @@ from minillm.corpus import stdlib_docstrings
 from minillm.data import prepare
 from minillm.errors import UserError, run_main
 from minillm.hf import load_hf, load_hf_tokenizer, load_any_tokenizer
-from minillm.model import preset
+from minillm.model import ModelSize, preset
 from minillm.checkpoint import load_model
 from minillm.methods.modularity import (ProbingSet, collect_activations, emergence,
                                         expert_units, find_functional_experts, function_loss,
@@ -56,7 +56,7 @@ from minillm.train import TrainConfig, Trainer
 
 
 @dataclass
-class ModularityConfig:
+class ModularityConfig(ModelSize):
     out_dir: str = field(default="out/modularity", metadata={"help": "data, checkpoints, results"})
     checkpoint: str | None = field(default=None, metadata={
         "help": "analyse this minillm model / training checkpoint instead of training one"})
@@ -68,9 +68,7 @@ class ModularityConfig:
         "help": "probing sets as JSON lines {function, text, label[, answer]} (default: planted)"})
     steps: int = 2000
     ckpt_interval: int = 200
-    n_layer: int = 2
-    n_embd: int = 128
-    block_size: int = 64
+    n_embd: int = 128  # ModelSize's other sizes: 2 layers, 4 heads, 64 tokens
     batch_size: int = 32
     lr: float = 3e-3
     init_std: float = field(default=0.02, metadata={
@@ -346,8 +344,8 @@ def train_planted(cfg: ModularityConfig, out: Path):
                             progress=False)
     dist = distributed.setup("auto")
     vocab_size = load_any_tokenizer(data / "tokenizer.json").vocab_size
-    model_cfg = preset("tiny-gpt", vocab_size=vocab_size, block_size=cfg.block_size,
-                       n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=4, activation="relu", init_std=cfg.init_std)
+    model_cfg = preset("tiny-gpt", vocab_size=vocab_size, activation="relu", init_std=cfg.init_std,
+                       **cfg.sizes())
     trainer = Trainer(train_cfg, dist, model_config=model_cfg)
     trainer.train()
     metrics = (out / "run" / "metrics.jsonl").read_text().splitlines()
