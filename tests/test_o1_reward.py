@@ -8,15 +8,7 @@ import torch
 from minillm.methods import o1, o1_reward
 from minillm.model import GPT, ModelConfig
 from minillm.tasks import chain_text
-from tests.test_o1 import ANS, P, Q, S1, S2, WRONG1, ScriptedLM
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_o1 import ANS, P, Q, S1, S2, WRONG1, ScriptedLM, one_thread  # noqa: F401 (autouse)
 
 
 # --- Monte-Carlo step values and shaping ----------------------------------------------------------
