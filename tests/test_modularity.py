@@ -206,8 +206,8 @@ def test_official_shuffle_keeps_the_pool_scales_it_by_var_and_mixes_examples_pos
     out = shuffle_units(h_BTU, units, valid_BT, 4.0, torch.Generator().manual_seed(0))
     pool, new = h_BTU[valid_BT][:, units], out[valid_BT][:, units]
     assert torch.equal(new.flatten().sort().values, (4 * pool.flatten()).sort().values)
-    assert new.mean() == pytest.approx(4 * pool.mean(), rel=1e-6)
-    assert new.var() == pytest.approx(16 * pool.var(), rel=1e-6)
+    assert float(new.mean()) == pytest.approx(4 * float(pool.mean()), rel=1e-6)
+    assert float(new.var()) == pytest.approx(16 * float(pool.var()), rel=1e-6)
     others = torch.tensor([u for u in range(U) if u not in units])
     assert torch.equal(out[:, :, others], h_BTU[:, :, others])
     assert torch.equal(out[~valid_BT], h_BTU[~valid_BT])  # padding is not in the pool
@@ -235,8 +235,10 @@ def test_shuffle_through_the_model_hooks_has_the_official_statistics():
     function_loss(model, probe, {0: units}, method="shuffle", scale=4.0)
     hook.remove()
     clean, shuffled = seen
-    assert shuffled[:, :, units].mean() == pytest.approx(4 * clean[:, :, units].mean(), rel=1e-5)
-    assert shuffled[:, :, units].var() == pytest.approx(16 * clean[:, :, units].var(), rel=1e-5)
+    assert float(shuffled[:, :, units].mean()) == pytest.approx(4 * float(clean[:, :, units].mean()),
+                                                              rel=1e-5)
+    assert float(shuffled[:, :, units].var()) == pytest.approx(16 * float(clean[:, :, units].var()),
+                                                             rel=1e-5)
     rest = np.setdiff1d(np.arange(32), units)
     assert torch.equal(shuffled[:, :, rest], clean[:, :, rest])
     assert perturbation_layers(12) == [8, 9, 10, 11]  # T5-base: encoder layers 8-11
