@@ -74,6 +74,7 @@ _HOLDERS: list[tuple[weakref.ref, str]] = []
 
 def hold(obj, attribute: str) -> None:
     """Remember that `obj.<attribute>` holds a process group (released by `release_groups`)."""
+    _HOLDERS[:] = [(ref, a) for ref, a in _HOLDERS if ref() is not None]  # forget the collected
     _HOLDERS.append((weakref.ref(obj), attribute))
 
 

@@ -163,8 +163,9 @@ class Trainer:
             torch.manual_seed(cfg.seed + dist.rank)
         self.sharded, self.ep_group, self.expert_dp_group = expert_parallel.shard_model(
             self.model, cfg.expert_parallel, dist.world_size)  # ({}, None, None) without EP
-        expert_parallel.hold(self, "ep_group")
-        expert_parallel.hold(self, "expert_dp_group")
+        if self.sharded:  # released by distributed.cleanup, with the layers' references
+            expert_parallel.hold(self, "ep_group")
+            expert_parallel.hold(self, "expert_dp_group")
         self.model.activation_checkpointing = cfg.activation_checkpointing
         if cfg.fsdp:
             # Shard every block, then the root (embeddings, final norm, head): each block's
@@ -361,7 +362,7 @@ class Trainer:
         MoE layers of the `--moe-*` flags (unless the model has some already)."""
         cfg, source = self.cfg, self.cfg.init_from
         if model_config is None and source:  # continued pretraining: a minillm file or an HF folder
-            model = (load_hf(source) if Path(source).is_dir() else checkpoint.load_model(source)[0])
+            model = load_hf(source) if Path(source).is_dir() else checkpoint.load_model(source)[0]
             model = model.float().train()
         else:
             if model_config is None:
